@@ -1,0 +1,9 @@
+"""mixr: DeepSeek-style Mixture-of-Experts models in PyTorch: load, generate, serve, train."""
+
+__version__ = "0.1.0"
+
+from mixr.checkpoint import CheckpointError, load_model, save_model  # noqa: E402
+from mixr.llm import LLM, RequestOutput  # noqa: E402
+from mixr.sampling import SamplingParams  # noqa: E402
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "load_model", "save_model", "CheckpointError"]

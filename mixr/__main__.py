@@ -1,0 +1,3 @@
+from mixr.cli import main
+
+main()

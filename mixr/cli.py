@@ -1,0 +1,98 @@
+"""The `mixr` command line: generate and chat."""
+
+import argparse
+import sys
+
+from mixr.checkpoint import CheckpointError
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16, float32")
+
+
+def _params(args):
+    from mixr.sampling import SamplingParams
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, seed=args.seed)
+
+
+def _load(model_dir):
+    from mixr.llm import LLM
+    from mixr.tiny import default_model_dir
+    return LLM(model_dir or default_model_dir(), device=None, dtype=None)
+
+
+def cmd_generate(args) -> None:
+    if len(args.args) == 1:
+        model_dir, prompt = None, args.args[0]
+    else:
+        model_dir, prompt = args.args
+    llm = _load(model_dir)
+    params = _params(args)
+    for piece in llm.stream(prompt, params):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args) -> None:
+    llm = _load(args.model)
+    params = _params(args)
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("mixr chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            return
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+        reply = []
+        try:
+            for piece in llm.stream(prompt, params):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            pass
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mixr", description="Run DeepSeek-style MoE models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete a prompt", usage="mixr generate [MODEL_DIR] PROMPT [options]")
+    g.add_argument("args", nargs="+", metavar="[MODEL_DIR] PROMPT")
+    _sampling_args(g, temperature=0.0)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="chat in the terminal, streaming the reply")
+    c.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR")
+    c.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(c, temperature=0.6)
+    c.set_defaults(func=cmd_chat)
+    args = parser.parse_args(argv)
+    if args.command == "generate" and len(args.args) > 2:
+        parser.error("generate takes [MODEL_DIR] PROMPT; quote the prompt")
+    try:
+        args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"mixr: error: {e}", file=sys.stderr)
+        sys.exit(2)
