@@ -1,0 +1,126 @@
+"""LLM.generate / chat / stream, sampling options, and the CLI, on a tiny DeepSeek-V3 checkpoint."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mixr import LLM, SamplingParams
+from mixr.sampling import sample
+from mixr.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(checkpoint("deepseek_v3_noaux_tc"), device="cpu", dtype="float32")
+
+
+def test_batched_equals_single(llm):
+    prompts = ["The cat sat on", "12+35=", "Once upon a time, in a land far away, there"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    batched = llm.generate(prompts, params)
+    for p, b in zip(prompts, batched):
+        single = llm.generate(p, params)[0]
+        assert single.token_ids == b.token_ids
+        assert single.text == b.text == llm.tokenizer.decode(b.token_ids)
+        assert b.prompt_token_ids == llm.tokenizer.encode(p)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=16, seed=123, ignore_eos=True)
+    alone = llm.generate("hello", p)[0].token_ids
+    in_batch = llm.generate(["x y z", "hello", "1+1="], [SamplingParams(temperature=1.0, max_tokens=5, seed=9), p,
+                                                         SamplingParams(temperature=0.7, max_tokens=20)])[1]
+    assert in_batch.token_ids == alone
+    other = llm.generate("hello", SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=16, seed=124,
+                                                 ignore_eos=True))[0].token_ids
+    assert other != alone
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    assert {sample(logits, SamplingParams(temperature=1.0, top_k=1), g) for _ in range(20)} == {1}
+    assert {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)} == {1, 2}
+    # probs ~ [.02, .44, .40, .01, .16]: top_p=0.8 keeps the two best (0.44 < 0.8 <= 0.84)
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.8), g) for _ in range(300)} == {1, 2}
+    assert sample(logits, SamplingParams(temperature=0)) == 1
+
+
+def test_stop_string_spanning_tokens(llm):
+    base = llm.generate("The", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    text = base.text
+    assert len(text) > 8
+    # a stop string that straddles a token boundary somewhere in the middle of the text
+    bounds, acc = [], ""
+    for t in base.token_ids:
+        acc = llm.tokenizer.decode(base.token_ids[: len(bounds) + 1])
+        bounds.append(len(acc))
+    cut = next(b for b in bounds if 3 <= b <= len(text) - 3)
+    stop = text[cut - 2: cut + 2]
+    first = text.find(stop)
+    out = llm.generate("The", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[:first]
+    streamed = "".join(llm.stream("The", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])))
+    assert streamed == out.text
+
+
+def test_stop_token_ids_and_eos(llm):
+    base = llm.generate("abc", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    stop_at = base.token_ids[4]
+    out = llm.generate("abc", SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == base.token_ids[: base.token_ids.index(stop_at) + 1]
+    assert out.finish_reason == "stop"
+    assert llm.tokenizer.stop_token_ids  # from tokenizer_config / generation_config
+
+
+def test_stream_concatenates_to_text(llm):
+    params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    assert "".join(llm.stream("Once", params)) == llm.generate("Once", params)[0].text
+
+
+def test_chat_applies_template(llm):
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert out.prompt_token_ids == llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    assert len(out.token_ids) == 8
+
+
+def test_bad_requests(llm):
+    with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):
+        llm.generate([5] * 250, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 2, 99999]])
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        SamplingParams(max_tokens=0)
+
+
+def test_cli_generate_prints_the_greedy_text(checkpoint, llm):
+    path = checkpoint("deepseek_v3_noaux_tc")
+    r = subprocess.run([sys.executable, "-m", "mixr", "generate", str(path), "The cat", "--max-tokens", "10",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    expected = llm.generate("The cat", SamplingParams(temperature=0, max_tokens=10))[0].text
+    assert r.stdout == expected + "\n"
+
+
+def test_cli_chat_reads_stdin_until_eof(checkpoint):
+    path = checkpoint("deepseek_v3_noaux_tc")
+    r = subprocess.run([sys.executable, "-m", "mixr", "chat", str(path), "--max-tokens", "5", "--temperature", "0",
+                        "--device", "cpu"], input="hello\nsecond turn\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) >= 1
+
+
+def test_tiny_default_checkpoint_round_trip(tmp_path):
+    from mixr.tiny import make_tiny_checkpoint
+    path = make_tiny_checkpoint(tmp_path / "tiny")
+    llm = LLM(path, device="cpu")
+    assert llm.config.model_type == "deepseek_v3"
+    assert Tokenizer.from_dir(path).vocab_size == llm.config.vocab_size
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4))[0]
+    assert 1 <= len(out.token_ids) <= 4
