@@ -1,14 +1,25 @@
-"""Contiguous per-row cache for the reference generation path.
+"""The KV-cache interface layers see, and the contiguous cache of the reference generation path.
 
-Slot j of row b holds the entry for position j, so right-padded rows of different lengths need no extra
+A layer's cache view offers two calls:
+  update(positions, *entries) -> (*all_entries, key_positions)   store, then read back everything cached
+  attention(q, positions, scale, k, v=None, v_dim=None) -> out   store k (and v), attend over the cache
+When v is None, V is the first v_dim channels of K: MLA caches one row [latent | rope key] per token, and
+absorbed MLA decode is multi-query attention with K = that row and V = its latent part.
+`decode` tells MLA whether to take the absorbed path (one new token per sequence) or the expanded one.
+
+ContiguousCache: slot j of row b holds position j, so right-padded rows of different lengths need no extra
 bookkeeping: padding writes land in slots that a real token overwrites before any query can see them
-(attention only lets position p see slots <= p). The paged cache of the engine replaces this on the fast path.
+(position p only sees slots <= p). The engine's paged cache implements the same interface.
 """
 
 import torch
 
+from mixr.layers.attention import causal_attention
+
 
 class ContiguousCache:
+    decode = False  # the reference path always expands MLA; the engine's decode takes the absorbed path
+
     def __init__(self, num_layers: int, batch: int, max_len: int, shapes: list[tuple[int, ...]],
                  dtype: torch.dtype, device: torch.device | str):
         self.buffers = [[torch.zeros(batch, max_len, *s, dtype=dtype, device=device) for s in shapes]
@@ -24,6 +35,7 @@ class ContiguousCache:
 class LayerCache:
     def __init__(self, cache: ContiguousCache, buffers: list[torch.Tensor]):
         self.cache, self.buffers = cache, buffers
+        self.decode = cache.decode
 
     def update(self, positions: torch.Tensor, *new: torch.Tensor):
         """Store new entries (B, L, ...) at their positions (B, L); return every cached tensor (B, S, ...)
@@ -32,3 +44,11 @@ class LayerCache:
         for buf, x in zip(self.buffers, new, strict=True):
             buf[self.cache.rows, positions] = x.to(buf.dtype)
         return (*(buf[:, :n] for buf in self.buffers), self.cache.slots[:, :n])
+
+    def attention(self, q, positions, scale, k, v=None, v_dim=None):
+        if v is None:
+            k, k_pos = self.update(positions, k)
+            v = k[..., :v_dim]
+        else:
+            k, v, k_pos = self.update(positions, k, v)
+        return causal_attention(q, k, v, positions, k_pos, scale)

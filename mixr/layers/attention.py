@@ -59,8 +59,9 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k_pos = positions
-        if cache is not None:
-            k, v, k_pos = cache.update(positions, k, v)
-        out = causal_attention(q, k, v, positions, k_pos, self.head_dim ** -0.5)  # (B, L, H, D)
+        scale = self.head_dim ** -0.5
+        if cache is None:
+            out = causal_attention(q, k, v, positions, positions, scale)  # (B, L, H, D)
+        else:
+            out = cache.attention(q, positions, scale, k, v)
         return self.o_proj(out.reshape(B, L, -1))

@@ -60,8 +60,8 @@ class DeepseekConfig:
         return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
     def cache_shapes(self) -> list[tuple[int, ...]]:
-        """Per-token, per-layer cached tensors: the compressed latent and the shared rotary key."""
-        return [(self.kv_lora_rank,), (1, self.qk_rope_head_dim)]
+        """Per-token, per-layer cached tensors: one row [compressed latent | shared rotary key]."""
+        return [(1, self.kv_lora_rank + self.qk_rope_head_dim)]
 
     def build(self) -> CausalLM:
         rope = self.rope_parameters
