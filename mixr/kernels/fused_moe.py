@@ -1,0 +1,420 @@
+"""Fused mixture-of-experts feed-forward: routed SwiGLU experts in two grouped GEMMs.
+
+    y[t] = sum_j w[t, j] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])),   e = topk_ids[t, j]
+
+with gate_up[e] = cat([W_gate (I, H), W_up (I, H)]) and down[e] (H, I), the F.linear convention (y = x @ W^T).
+
+CUDA path (bf16/fp16, Triton), no host sync anywhere, so a CUDA graph can capture it:
+  small batch (T * k up to a few dozen pairs): two GEMV-style kernels, no sorting. Program (pair, n-tile) streams
+      its expert's gate and up rows once and writes silu(g) * u; program (token, n-tile) streams the k selected
+      experts' down rows and sums the weighted results in registers, so the sum over k costs nothing extra.
+  otherwise: (a) align: the T*k (token, expert) pairs are grouped by expert on the GPU into a padded list of
+      fixed worst-case length T*k + E*(BLOCK_M-1), each expert's run padded to a multiple of BLOCK_M, with the
+      expert of every BLOCK_M-row block and the number of used blocks as device tensors; (b) grouped GEMM for
+      gate and up together with silu(g) * u in the epilogue -> act (T*k, I); (c) grouped GEMM for down with the
+      routing weight multiplied in the epilogue -> (T*k, H); (d) a reshape + sum over k.
+Everything else (CPU, fp32, no Triton) runs `fused_moe_ref`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path serves
+    triton = None
+
+HAS_TRITON = triton is not None
+
+# Tile configs by (H, I) of the expert, then by batch: the first entry whose max_T >= T is used.
+#   gemv: small-batch path. UP_N/UP_K tile the gate+up GEMV, DOWN_N/DOWN_K the down GEMV; FUSE_K sums over k
+#         inside the down kernel (one program per token) instead of one program per pair plus a sum.
+#   gemm: grouped path. BLOCK_M is shared by both GEMMs (it sets the alignment); "up" and "down" give
+#         BLOCK_N, BLOCK_K, GROUP_M (programs along M launched together, so they share weight tiles in L2),
+#         num_warps, num_stages for each GEMM.
+# Tuned on one H100 (bench/bench_kernels.py sweeps candidates): DeepSeek-V2-Lite (2048, 1408), Qwen3-30B-A3B (2048, 768).
+def _gemv(up_n, up_k, down_n, down_k, fuse_k=True, warps=4):
+    return dict(path="gemv", UP_N=up_n, UP_K=up_k, DOWN_N=down_n, DOWN_K=down_k, FUSE_K=fuse_k, num_warps=warps)
+
+
+def _gemm(bm, up, down):
+    keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+    return dict(path="gemm", BLOCK_M=bm, up=dict(zip(keys, up)), down=dict(zip(keys, down)))
+
+
+MOE_CONFIGS: dict[tuple[int, int], list[tuple[int, dict]]] = {
+    (2048, 1408): [
+        (1, _gemv(16, 256, 16, 128)),
+        (8, _gemv(16, 256, 16, 128)),
+        (32, _gemm(16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
+        (256, _gemm(32, (64, 128, 8, 4, 4), (64, 128, 8, 4, 4))),
+        (1 << 30, _gemm(64, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4))),
+    ],
+    (2048, 768): [
+        (1, _gemv(16, 256, 16, 128)),
+        (8, _gemv(16, 256, 16, 128)),
+        (32, _gemm(16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
+        (256, _gemm(16, (64, 128, 8, 4, 4), (64, 128, 8, 4, 4))),
+        (1 << 30, _gemm(64, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4))),
+    ],
+}
+_DEFAULT_CONFIGS = [
+    (4, _gemv(16, 256, 16, 128)),
+    (64, _gemm(16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
+    (1 << 30, _gemm(64, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4))),
+]
+
+
+def moe_config(T: int, H: int, I: int) -> dict:
+    for max_t, cfg in MOE_CONFIGS.get((H, I), _DEFAULT_CONFIGS):
+        if T <= max_t:
+            return cfg
+    raise AssertionError("the last config entry covers every T")
+
+
+def _check(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+           topk_weights: torch.Tensor) -> tuple[int, int, int, int, int]:
+    if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
+        raise ValueError(f"expected x (T, H), gate_up (E, 2I, H), down (E, H, I); got {tuple(x.shape)}, "
+                         f"{tuple(gate_up.shape)}, {tuple(down.shape)}")
+    T, H = x.shape
+    E, two_i, H2 = gate_up.shape
+    I = two_i // 2
+    if H2 != H or two_i % 2 or tuple(down.shape) != (E, H, I):
+        raise ValueError(f"shape mismatch: x (T={T}, H={H}), gate_up {tuple(gate_up.shape)} must be (E, 2I, H), "
+                         f"down {tuple(down.shape)} must be (E, H, I) = ({E}, {H}, {I})")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                         f"must both be (T={T}, k)")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"topk_weights must be float32, got {topk_weights.dtype}")
+    if not x.is_floating_point() or gate_up.dtype != x.dtype or down.dtype != x.dtype:
+        raise TypeError(f"x, gate_up and down must share one floating dtype; got {x.dtype}, {gate_up.dtype}, "
+                        f"{down.dtype}")
+    devices = {t.device for t in (x, gate_up, down, topk_ids, topk_weights)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    return T, H, E, I, topk_ids.shape[1]
+
+
+def fused_moe_ref(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch fused_moe: a loop over the experts that were chosen (one host sync for their counts)."""
+    T, H, E, I, k = _check(x, gate_up, down, topk_ids, topk_weights)
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    flat = topk_ids.flatten().long()
+    order = flat.argsort(stable=True)  # pair indices t*k + j grouped by expert
+    counts = torch.bincount(flat, minlength=E).tolist()
+    if len(counts) > E:
+        raise ValueError(f"topk_ids holds expert {len(counts) - 1}, but there are only {E} experts")
+    w = topk_weights.flatten()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        tok = pairs // k
+        gate, up = F.linear(x[tok], gate_up[e]).float().chunk(2, dim=-1)
+        act = (F.silu(gate) * up).to(x.dtype)  # the kernels round the activation to x's dtype too
+        out.index_add_(0, tok, F.linear(act, down[e]).float() * w[pairs, None])
+    return out.to(x.dtype)
+
+
+if HAS_TRITON:
+
+    # ---------------------------------------------------------------- align: group (token, expert) pairs by expert
+    # Sizes that change with the batch are not specialised on, so one compiled kernel serves every T.
+    @triton.jit(do_not_specialize=["n"])
+    def _align_count_kernel(ids_ptr, counts_ptr, n, CHUNK: tl.constexpr, E_P2: tl.constexpr):
+        # counts[c, e] = number of pairs in chunk c that chose expert e.  counts: (num_chunks, E_P2) int32
+        c = tl.program_id(0)
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
+        hit = ids[:, None] == tl.arange(0, E_P2)[None, :]  # (CHUNK, E_P2) one-hot
+        tl.store(counts_ptr + c * E_P2 + tl.arange(0, E_P2), tl.sum(hit.to(tl.int32), 0))
+
+    @triton.jit(do_not_specialize=["n", "num_chunks", "max_padded", "max_blocks"])
+    def _align_offsets_kernel(counts_ptr, offsets_ptr, sorted_ids_ptr, expert_ids_ptr, num_blocks_ptr,
+                              n, num_chunks, num_experts, max_padded, max_blocks,
+                              BLOCK_M: tl.constexpr, E_P2: tl.constexpr, ROWS: tl.constexpr, FILL: tl.constexpr):
+        # ROWS: chunks per step of the scans; FILL: entries per step of the fills. Both keep tiles near 4K elements.
+        # One program: turns the per-chunk counts into where each chunk's pairs of each expert go.
+        cols = tl.arange(0, E_P2)
+        total = tl.zeros((E_P2,), tl.int32)
+        for r0 in range(0, num_chunks, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            t = tl.load(counts_ptr + rows[:, None] * E_P2 + cols[None, :], mask=rows[:, None] < num_chunks, other=0)
+            total += tl.sum(t, 0)
+        padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # each expert's run rounded up to whole blocks
+        ends = tl.cumsum(padded, 0)
+        starts = ends - padded
+        tl.store(num_blocks_ptr, tl.sum(padded, 0) // BLOCK_M)
+        # Chunk c's pairs of expert e start after those of chunks < c: an exclusive scan down the chunk axis.
+        carry = starts
+        for r0 in range(0, num_chunks, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            rmask = rows[:, None] < num_chunks
+            t = tl.load(counts_ptr + rows[:, None] * E_P2 + cols[None, :], mask=rmask, other=0)
+            tl.store(offsets_ptr + rows[:, None] * E_P2 + cols[None, :], carry[None, :] + tl.cumsum(t, 0) - t,
+                     mask=rmask)
+            carry += tl.sum(t, 0)
+        # Block b holds rows [b*BLOCK_M, (b+1)*BLOCK_M): its expert is the number of runs that end at or before it.
+        # Blocks past the used ones get a clamped id; the GEMMs never read them (they stop at num_blocks).
+        for b0 in range(0, max_blocks, ROWS):
+            b = b0 + tl.arange(0, ROWS)
+            e = tl.sum((ends[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), 1)
+            tl.store(expert_ids_ptr + b, tl.minimum(e, num_experts - 1), mask=b < max_blocks)
+        # Padding rows hold the sentinel n (one past the last pair); the scatter kernel overwrites the real rows.
+        for i0 in range(0, max_padded, FILL):
+            i = i0 + tl.arange(0, FILL)
+            tl.store(sorted_ids_ptr + i, tl.full((FILL,), 0, tl.int32) + n, mask=i < max_padded)
+
+    @triton.jit(do_not_specialize=["n"])
+    def _align_scatter_kernel(ids_ptr, offsets_ptr, sorted_ids_ptr, n, CHUNK: tl.constexpr, E_P2: tl.constexpr):
+        c = tl.program_id(0)
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
+        hit = ids[:, None] == tl.arange(0, E_P2)[None, :]  # (CHUNK, E_P2)
+        rank = tl.cumsum(hit.to(tl.int32), 0) - 1  # rank of each pair among this chunk's pairs of its expert
+        base = tl.load(offsets_ptr + c * E_P2 + tl.arange(0, E_P2))
+        pos = tl.sum(tl.where(hit, rank + base[None, :], 0), 1)  # (CHUNK,)
+        tl.store(sorted_ids_ptr + pos, offs.to(tl.int32), mask=offs < n)
+
+    # ---------------------------------------------------------------- grouped GEMM over the aligned pairs
+    @triton.jit(do_not_specialize=["n_pairs", "max_blocks_m", "a_row_div"])
+    def _moe_gemm_kernel(
+        a_ptr, b_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, num_blocks_ptr,
+        N, K, n_pairs, max_blocks_m,
+        a_row_div,  # top_k when A's rows are tokens (gate+up), 1 when they are pairs (down)
+        stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+        GATE_UP: tl.constexpr,    # B holds [gate; up] (2N rows): write silu(A @ gate^T) * (A @ up^T)
+        MUL_WEIGHT: tl.constexpr,  # scale row (pair) p by topk_weights.flat[p]
+        EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        # C[p, :] = A[p // a_row_div, :] @ B[e(p)]^T for the pairs p of one BLOCK_M block (all of one expert e).
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # GROUP_M blocks along M are launched for each N tile before moving on, so consecutive programs reuse
+        # the expert's weight tile from L2 (most consecutive blocks belong to the same expert).
+        in_group = GROUP_M * num_pid_n
+        first_m = (pid // in_group) * GROUP_M
+        group_m = tl.minimum(max_blocks_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % group_m
+        pid_n = (pid % in_group) // group_m
+        if pid_m >= tl.load(num_blocks_ptr):
+            return  # the grid is sized for the worst case; blocks past the used ones do nothing
+
+        pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # (BLOCK_M,), sentinel n_pairs
+        row_mask = pairs < n_pairs
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        # Wrap the N index instead of masking the weight loads (keeps them unmasked and vectorised);
+        # the wrapped columns are dropped at the store.
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + (pairs // a_row_div).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + e * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk  # (BK, BN)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                b = tl.load(b_ptrs)
+            else:
+                k_mask = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+            acc = tl.dot(a, b, acc)
+            if GATE_UP:
+                if EVEN_K:
+                    b_up = tl.load(b_ptrs + N * stride_bn)
+                else:
+                    b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None], other=0.0)
+                acc_up = tl.dot(a, b_up, acc_up)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        if GATE_UP:
+            acc = acc * tl.sigmoid(acc) * acc_up  # silu(gate) * up in fp32
+        if MUL_WEIGHT:
+            w = tl.load(topk_w_ptr + pairs, mask=row_mask, other=0.0)
+            acc = acc * w[:, None]
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ptrs = c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < N)[None, :])
+
+    # ---------------------------------------------------------------- small batch: GEMV per pair / per token
+    @triton.jit(do_not_specialize=["top_k"])
+    def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, H, I, top_k,
+                                 stride_xm, stride_we, stride_wn, stride_wk,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        # act[p, n] = silu(W_gate[e] x[t]) * (W_up[e] x[t]) for pair p = t*top_k + j, n in this program's tile.
+        p = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        t = p // top_k
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Loads wrap the row index instead of masking it, and skip the K mask when BLOCK_K divides H: a mask that
+        # varies along K turns the 16-byte vector loads into 2-byte ones.
+        rows = offs_n % I
+        offs_k = tl.arange(0, BLOCK_K)
+        g_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BN, BK)
+        u_ptrs = g_ptrs + I * stride_wn
+        x_ptrs = x_ptr + t * stride_xm + offs_k
+        # Reduce each tile right away: 2-D accumulators would hold BLOCK_N*BLOCK_K/threads more registers per
+        # thread and cost occupancy, which this memory-bound loop needs for loads in flight.
+        g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            if EVEN_K:
+                xk = tl.load(x_ptrs).to(tl.float32)
+                wg = tl.load(g_ptrs)
+                wu = tl.load(u_ptrs)
+            else:
+                k_mask = offs_k < H - k0
+                xk = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+                wg = tl.load(g_ptrs, mask=k_mask[None, :], other=0.0)
+                wu = tl.load(u_ptrs, mask=k_mask[None, :], other=0.0)
+            g += tl.sum(wg.to(tl.float32) * xk[None, :], 1)
+            u += tl.sum(wu.to(tl.float32) * xk[None, :], 1)
+            x_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
+        tl.store(act_ptr + p * I + offs_n, (g * tl.sigmoid(g) * u).to(act_ptr.dtype.element_ty), mask=offs_n < I)
+
+    @triton.jit(do_not_specialize=["pairs_per_prog"])
+    def _moe_gemv_down_kernel(act_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, H, I, pairs_per_prog,
+                              stride_we, stride_wn, stride_wk, stride_om,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        # out[r, n] = sum over this program's pairs p of w[p] * down[e(p)][n, :] . act[p, :].
+        # pairs_per_prog = top_k: row r is token r and the sum over k stays in registers (no extra pass);
+        # pairs_per_prog = 1: row r is pair r (k times more programs, for more loads in flight at tiny T),
+        # summed over k afterwards.
+        r = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n % H  # wrapped, not masked (see the gate_up kernel)
+        offs_k = tl.arange(0, BLOCK_K)
+        out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in range(pairs_per_prog):
+            p = r * pairs_per_prog + j
+            e = tl.load(ids_ptr + p).to(tl.int64)
+            w_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+            a_ptrs = act_ptr + p * I + offs_k
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs).to(tl.float32)
+                    w = tl.load(w_ptrs)
+                else:
+                    k_mask = offs_k < I - k0
+                    a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+                    w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+                acc += tl.sum(w.to(tl.float32) * a[None, :], 1)
+                a_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wk
+            out += tl.load(topk_w_ptr + p) * acc
+        tl.store(out_ptr + r * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < H)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the T*k pairs by expert on the GPU, each expert's run padded to whole BLOCK_M blocks.
+
+    Returns sorted_ids (T*k + E*(block_m-1),) int32: pair index t*k + j, or T*k in padding rows;
+    expert_ids (max_blocks,) int32: the expert of each block; num_blocks (1,) int32: blocks in use.
+    All sizes come from shapes, so this never waits on the device.
+    """
+    n = topk_ids.numel()
+    ids = topk_ids.reshape(-1)
+    max_padded = n + num_experts * (block_m - 1)
+    max_blocks = triton.cdiv(max_padded, block_m)
+    e_p2 = triton.next_power_of_2(num_experts)
+    # Chunk size keeps the (CHUNK, E_P2) one-hot tile near 16K elements.
+    chunk = max(16, min(triton.next_power_of_2(n), 16384 // e_p2))
+    num_chunks = triton.cdiv(n, chunk)
+    dev = topk_ids.device
+    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_blocks = torch.empty(1, dtype=torch.int32, device=dev)
+    counts = torch.empty(num_chunks, e_p2, dtype=torch.int32, device=dev)
+    offsets = torch.empty_like(counts)
+    _align_count_kernel[(num_chunks,)](ids, counts, n, CHUNK=chunk, E_P2=e_p2, num_warps=4)
+    _align_offsets_kernel[(1,)](counts, offsets, sorted_ids, expert_ids, num_blocks, n, num_chunks, num_experts,
+                                max_padded, max_blocks, BLOCK_M=block_m, E_P2=e_p2,
+                                ROWS=max(1, 4096 // e_p2), FILL=1024, num_warps=4)
+    _align_scatter_kernel[(num_chunks,)](ids, offsets, sorted_ids, n, CHUNK=chunk, E_P2=e_p2, num_warps=4)
+    return sorted_ids, expert_ids, num_blocks
+
+
+def _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg):
+    act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
+    _moe_gemv_gate_up_kernel[(T * k, triton.cdiv(I, cfg["UP_N"]))](
+        x, gate_up, ids, act, H, I, k, x.stride(0), *gate_up.stride(),
+        BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], EVEN_K=H % cfg["UP_K"] == 0, num_warps=cfg["num_warps"])
+    if cfg.get("FUSE_K", True):
+        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+        _moe_gemv_down_kernel[(T, triton.cdiv(H, cfg["DOWN_N"]))](
+            act, down, ids, weights, out, H, I, k, *down.stride(), out.stride(0),
+            BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], EVEN_K=I % cfg["DOWN_K"] == 0, num_warps=cfg["num_warps"])
+        return out
+    y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)  # weighted per-pair outputs
+    _moe_gemv_down_kernel[(T * k, triton.cdiv(H, cfg["DOWN_N"]))](
+        act, down, ids, weights, y, H, I, 1, *down.stride(), y.stride(0),
+        BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], EVEN_K=I % cfg["DOWN_K"] == 0, num_warps=cfg["num_warps"])
+    return y.view(T, k, H).sum(1).to(x.dtype)
+
+
+def _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg):
+    bm = cfg["BLOCK_M"]
+    sorted_ids, expert_ids, num_blocks = moe_align(ids, E, bm)
+    max_blocks = expert_ids.numel()
+    n = T * k
+    act = torch.empty(n, I, dtype=x.dtype, device=x.device)
+    up = cfg["up"]
+    _moe_gemm_kernel[(max_blocks * triton.cdiv(I, up["BLOCK_N"]),)](
+        x, gate_up, act, weights, sorted_ids, expert_ids, num_blocks, I, H, n, max_blocks, k,
+        x.stride(0), x.stride(1), *gate_up.stride(), act.stride(0), act.stride(1),
+        GATE_UP=True, MUL_WEIGHT=False, EVEN_K=H % up["BLOCK_K"] == 0,
+        BLOCK_M=bm, BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], GROUP_M=up["GROUP_M"],
+        num_warps=up["num_warps"], num_stages=up["num_stages"])
+    dn = cfg["down"]
+    y = torch.empty(n, H, dtype=x.dtype, device=x.device)  # (T*k, H) weighted expert outputs
+    _moe_gemm_kernel[(max_blocks * triton.cdiv(H, dn["BLOCK_N"]),)](
+        act, down, y, weights, sorted_ids, expert_ids, num_blocks, H, I, n, max_blocks, 1,
+        act.stride(0), act.stride(1), *down.stride(), y.stride(0), y.stride(1),
+        GATE_UP=False, MUL_WEIGHT=True, EVEN_K=I % dn["BLOCK_K"] == 0,
+        BLOCK_M=bm, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], GROUP_M=dn["GROUP_M"],
+        num_warps=dn["num_warps"], num_stages=dn["num_stages"])
+    return y.view(T, k, H).sum(1)  # sums in fp32, rounds once
+
+
+def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """Routed SwiGLU experts: x (T, H), gate_up (E, 2I, H) = [gate; up], down (E, H, I), topk_ids (T, k) int32/int64,
+    topk_weights (T, k) float32 -> (T, H) in x's dtype.
+
+    On CUDA with Triton and bf16/fp16 this runs the fused kernels (no host sync, CUDA-graph capturable; expert ids
+    are not range-checked there). Otherwise it runs `fused_moe_ref`. `config` overrides the tuned tile config
+    (see MOE_CONFIGS) and is meant for tuning.
+    """
+    T, H, E, I, k = _check(x, gate_up, down, topk_ids, topk_weights)
+    if not (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        return fused_moe_ref(x, gate_up, down, topk_ids, topk_weights)
+    if T == 0:
+        return x.new_empty(0, H)
+    if gate_up.stride(2) != 1 or down.stride(2) != 1:
+        raise ValueError("gate_up and down must be contiguous along their last (input) dimension")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ids = topk_ids.contiguous()
+    weights = topk_weights.contiguous()
+    cfg = config or moe_config(T, H, I)
+    if cfg["path"] == "gemv":
+        return _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg)
+    return _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg)

@@ -1,0 +1,259 @@
+"""Kernels: the plain-PyTorch references against float64 computations written out directly (CPU), and the Triton
+kernels against the references (CUDA with Triton only)."""
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixr.kernels import fused_moe, fused_moe_ref, paged_decode_attention, paged_decode_attention_ref
+# The package exports functions named like their modules, so fetch the modules themselves by name.
+attn_mod = importlib.import_module("mixr.kernels.attention")
+moe_mod = importlib.import_module("mixr.kernels.fused_moe")
+
+CUDA = torch.cuda.is_available() and moe_mod.HAS_TRITON and attn_mod.HAS_TRITON
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ------------------------------------------------------------------------------------------------ fused MoE
+def moe_inputs(T, E, k, H, I, dtype=torch.float32, device="cpu", ids_dtype=torch.int64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    down = torch.randn(E, H, I, generator=g) / I**0.5
+    ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k]  # distinct experts per token, repeats across tokens
+    w = torch.rand(T, k, generator=g) + 0.1
+    return (x.to(device, dtype), gate_up.to(device, dtype), down.to(device, dtype), ids.to(device, ids_dtype),
+            w.to(device))
+
+
+def moe_float64(x, gate_up, down, ids, w):
+    """Token by token, expert by expert, in float64."""
+    x, gate_up, down, w = x.double(), gate_up.double(), down.double(), w.double()
+    I = down.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = gate_up[e] @ x[t]
+            out[t] += w[t, j] * (down[e] @ (F.silu(h[:I]) * h[I:]))
+    return out
+
+
+@pytest.mark.parametrize("T,E,k,H,I", [(1, 8, 2, 32, 24), (7, 8, 3, 48, 40), (33, 16, 4, 64, 24)])
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_fused_moe_ref_matches_float64(T, E, k, H, I, ids_dtype):
+    args = moe_inputs(T, E, k, H, I, ids_dtype=ids_dtype)
+    ref = moe_float64(*args)
+    assert rel_err(fused_moe_ref(*args), ref) < 1e-5
+    assert rel_err(fused_moe(*args), ref) < 1e-5  # the CPU path is the reference
+
+
+def test_fused_moe_ref_bf16_close_to_float64():
+    x, gu, dn, ids, w = moe_inputs(9, 8, 2, 64, 48)
+    ref = moe_float64(x, gu, dn, ids, w)
+    out = fused_moe_ref(x.bfloat16(), gu.bfloat16(), dn.bfloat16(), ids, w)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 2e-2
+
+
+def test_fused_moe_checks_inputs():
+    x, gu, dn, ids, w = moe_inputs(3, 4, 2, 16, 8)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fused_moe(x, gu, dn[:, :, :4], ids, w)
+    with pytest.raises(ValueError, match="must both be"):
+        fused_moe(x, gu, dn, ids[:2], w[:2].clone())
+    with pytest.raises(TypeError, match="int32 or int64"):
+        fused_moe(x, gu, dn, ids.float(), w)
+    with pytest.raises(TypeError, match="float32"):
+        fused_moe(x, gu, dn, ids, w.double())
+    with pytest.raises(TypeError, match="one floating dtype"):
+        fused_moe(x.bfloat16(), gu, dn, ids, w)
+    with pytest.raises(ValueError, match="only 4 experts"):
+        fused_moe_ref(x, gu, dn, ids + 3, w)
+
+
+def test_moe_configs_cover_every_batch():
+    for H, I in list(moe_mod.MOE_CONFIGS) + [(64, 32)]:
+        for T in (1, 2, 8, 9, 32, 33, 256, 257, 2048, 100000):
+            assert moe_mod.moe_config(T, H, I)["path"] in ("gemv", "gemm")
+
+
+# ------------------------------------------------------------------------------------------------ paged attention
+def paged_inputs(B, lens, Hq, Hkv, Dk, Dv, bs, mla=False, dtype=torch.float32, device="cpu", seed=0):
+    """Random contiguous per-sequence K/V, scattered into a paged cache through shuffled block tables.
+
+    Returns the paged arguments and the contiguous (B, S, Hkv, D) tensors they were built from. Unused cache blocks
+    hold NaN: a kernel that reads past a sequence's length, or through a stale table entry, poisons its output.
+    """
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(1, max(math.ceil(n / bs) for n in lens)) + 1  # one spare table column per row
+    S = max_blocks * bs
+    num_blocks = B * max_blocks + 3
+    k = torch.randn(B, S, Hkv, Dk, generator=g)
+    v = k[..., :Dv] if mla else torch.randn(B, S, Hkv, Dv, generator=g)
+    q = torch.randn(B, Hq, Dk, generator=g)
+    k_cache = torch.full((num_blocks, bs, Hkv, Dk), float("nan"))
+    v_cache = None if mla else torch.full((num_blocks, bs, Hkv, Dv), float("nan"))
+    tables = torch.randperm(num_blocks, generator=g)[:B * max_blocks].view(B, max_blocks)
+    for b in range(B):
+        for i in range(math.ceil(lens[b] / bs)):
+            n = min(bs, lens[b] - i * bs)
+            k_cache[tables[b, i], :n] = k[b, i * bs:i * bs + n]
+            if not mla:
+                v_cache[tables[b, i], :n] = v[b, i * bs:i * bs + n]
+    k_cache = k_cache.to(device, dtype)
+    v_cache = k_cache[..., :Dv] if mla else v_cache.to(device, dtype)  # MLA: V is a strided view of K
+    args = (q.to(device, dtype), k_cache, v_cache, tables.to(device, torch.int32),
+            torch.tensor(lens, dtype=torch.int32, device=device))
+    return args, k, v
+
+
+def attention_float64(q, k, v, lens, scale):
+    """Contiguous, unpaged: softmax over each sequence's first lens[b] tokens, in float64."""
+    B, Hq, _ = q.shape
+    Hkv = k.shape[2]
+    out = torch.zeros(B, Hq, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        n = lens[b]
+        if n == 0:
+            continue
+        for h in range(Hq):
+            kv = h // (Hq // Hkv)
+            s = (k[b, :n, kv].double() @ q[b, h].double()) * scale
+            out[b, h] = s.softmax(0) @ v[b, :n, kv].double()
+    return out
+
+
+ATTN_LAYOUTS = {  # name -> (Hq, Hkv, Dk, Dv, mla)
+    "gqa": (8, 2, 32, 32, False),
+    "mha": (4, 4, 16, 24, False),
+    "mla": (16, 1, 72, 64, True),  # [latent 64 | rope 8], V = the latent
+}
+
+
+@pytest.mark.parametrize("layout", list(ATTN_LAYOUTS))
+@pytest.mark.parametrize("bs", [4, 16])
+def test_paged_attention_ref_matches_float64(layout, bs):
+    Hq, Hkv, Dk, Dv, mla = ATTN_LAYOUTS[layout]
+    lens = [1, 37, 0, 2 * bs]  # not multiples of the block size, an empty one, an exact one
+    args, k, v = paged_inputs(len(lens), lens, Hq, Hkv, Dk, Dv, bs, mla)
+    ref = attention_float64(args[0], k, v, lens, 0.3)
+    out = paged_decode_attention_ref(*args, 0.3)
+    assert out.shape == (len(lens), Hq, Dv)
+    assert rel_err(out, ref) < 1e-5
+    assert (out[2] == 0).all()
+    assert rel_err(paged_decode_attention(*args, 0.3), ref) < 1e-5  # the CPU path is the reference
+    assert rel_err(paged_decode_attention_ref(*args, 0.3, max_context_len=max(lens)), ref) < 1e-5
+
+
+def test_paged_attention_ref_bf16():
+    Hq, Hkv, Dk, Dv, mla = ATTN_LAYOUTS["mla"]
+    lens = [5, 60]
+    args, k, v = paged_inputs(2, lens, Hq, Hkv, Dk, Dv, 16, mla, dtype=torch.bfloat16)
+    ref = attention_float64(args[0].float(), k.bfloat16().float(), v.bfloat16().float(), lens, 0.2)
+    out = paged_decode_attention_ref(*args, 0.2)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 2e-2
+
+
+def test_paged_attention_checks_inputs():
+    (q, kc, vc, bt, cl), _, _ = paged_inputs(2, [3, 4], 8, 2, 16, 16, 4)
+    with pytest.raises(ValueError, match="not a multiple"):
+        paged_decode_attention(q[:, :7], kc, vc, bt, cl, 1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        paged_decode_attention(q[..., :8], kc, vc, bt, cl, 1.0)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(q, kc, vc, bt[:1], cl, 1.0)
+    with pytest.raises(TypeError, match="integer"):
+        paged_decode_attention(q, kc, vc, bt.float(), cl, 1.0)
+    with pytest.raises(TypeError, match="one floating dtype"):
+        paged_decode_attention(q.half(), kc, vc, bt, cl, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA: Triton
+MOE_CONFIGS_TO_TRY = {
+    "default": None,
+    "gemv_fused_k": dict(path="gemv", UP_N=16, UP_K=256, DOWN_N=16, DOWN_K=128, FUSE_K=True, num_warps=4),
+    "gemv_per_pair": dict(path="gemv", UP_N=8, UP_K=128, DOWN_N=16, DOWN_K=256, FUSE_K=False, num_warps=4),
+    "gemm_bm16": moe_mod._gemm(16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4)),
+    "gemm_bm64": moe_mod._gemm(64, (128, 64, 8, 4, 4), (64, 64, 8, 4, 4)),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", list(MOE_CONFIGS_TO_TRY))
+@pytest.mark.parametrize("T,E,k,H,I", [(1, 64, 6, 256, 176), (8, 16, 4, 128, 96), (70, 10, 3, 320, 200)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_moe_triton_matches_ref(config, T, E, k, H, I, dtype):
+    x, gu, dn, ids, w = moe_inputs(T, E, k, H, I, dtype, "cuda", torch.int32, seed=T)
+    ref = fused_moe_ref(x.float(), gu.float(), dn.float(), ids, w)
+    out = fused_moe(x, gu, dn, ids, w, config=MOE_CONFIGS_TO_TRY[config])
+    assert out.dtype == dtype and out.shape == (T, H)
+    assert rel_err(out, ref) < 2e-2
+
+
+@needs_cuda
+def test_fused_moe_triton_cuda_graph():
+    x, gu, dn, ids, w = moe_inputs(40, 16, 4, 128, 96, torch.bfloat16, "cuda", torch.int64)
+    fused_moe(x, gu, dn, ids, w)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, gu, dn, ids, w)
+    x2, _, _, ids2, w2 = moe_inputs(40, 16, 4, 128, 96, torch.bfloat16, "cuda", torch.int64, seed=1)
+    x.copy_(x2), ids.copy_(ids2), w.copy_(w2)
+    graph.replay()
+    assert rel_err(out, fused_moe_ref(x.float(), gu.float(), dn.float(), ids, w)) < 2e-2
+
+
+ATTN_CUDA_LAYOUTS = {
+    "qwen3_gqa": (32, 4, 128, 128, False),
+    "v2_lite_mla": (16, 1, 576, 512, True),
+    "gqa_odd_dims": (6, 2, 80, 48, False),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", list(ATTN_CUDA_LAYOUTS))
+@pytest.mark.parametrize("bs", [16, 64])
+@pytest.mark.parametrize("lens", [[1], [1000], [77, 0, 300, 16, 5]])
+@pytest.mark.parametrize("splits", ["default", "many", "one"])
+def test_paged_attention_triton_matches_ref(layout, bs, lens, splits):
+    Hq, Hkv, Dk, Dv, mla = ATTN_CUDA_LAYOUTS[layout]
+    args, _, _ = paged_inputs(len(lens), lens, Hq, Hkv, Dk, Dv, bs, mla, torch.bfloat16, "cuda")
+    q, kc, vc, bt, cl = args
+    ref = paged_decode_attention_ref(q.float(), kc.float(), kc.float()[..., :Dv] if mla else vc.float(), bt, cl, 0.1)
+    cfg = {"default": None, "many": dict(BLOCK_N=16, BLOCK_H=16, waves=16, num_warps=4, num_stages=2),
+           "one": dict(BLOCK_N=32, BLOCK_H=16, waves=0, num_warps=4, num_stages=2)}[splits]
+    out = paged_decode_attention(q, kc, vc, bt, cl, 0.1, config=cfg)
+    assert out.shape == (len(lens), Hq, Dv)
+    if any(lens):
+        assert rel_err(out, ref) < 2e-2
+    assert all((out[b] == 0).all() for b, n in enumerate(lens) if n == 0)
+
+
+@needs_cuda
+def test_paged_attention_triton_fp16_and_cuda_graph():
+    Hq, Hkv, Dk, Dv, mla = ATTN_CUDA_LAYOUTS["v2_lite_mla"]
+    lens = [200, 3, 150]
+    (q, kc, vc, bt, cl), _, _ = paged_inputs(3, lens, Hq, Hkv, Dk, Dv, 16, mla, torch.float16, "cuda")
+    kc.nan_to_num_(0.0)  # the graph replays on new lengths, which may reach blocks left unwritten above
+    paged_decode_attention(q, kc, vc, bt, cl, 0.1)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, kc, vc, bt, cl, 0.1)
+    cl.copy_(torch.tensor([17, 208, 1], dtype=torch.int32))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    ref = paged_decode_attention_ref(q.float(), kc.float(), kc.float()[..., :Dv], bt, cl, 0.1)
+    assert out.dtype == torch.float16
+    assert rel_err(out, ref) < 2e-2
