@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 from mixr.checkpoint import CheckpointError, load_model, save_model  # noqa: E402
-from mixr.llm import LLM, RequestOutput  # noqa: E402
+from mixr.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput  # noqa: E402
+from mixr.llm import LLM  # noqa: E402
 from mixr.sampling import SamplingParams  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "load_model", "save_model", "CheckpointError"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "load_model", "save_model", "CheckpointError"]

@@ -35,7 +35,7 @@ class ContiguousCache:
 class LayerCache:
     def __init__(self, cache: ContiguousCache, buffers: list[torch.Tensor]):
         self.cache, self.buffers = cache, buffers
-        self.decode = cache.decode
+        self.decode = cache.decode  # only reference tests set it, to check MLA's absorbed path
 
     def update(self, positions: torch.Tensor, *new: torch.Tensor):
         """Store new entries (B, L, ...) at their positions (B, L); return every cached tensor (B, S, ...)

@@ -1,4 +1,4 @@
-"""Per-request sampling settings and the sampler (greedy, temperature, top-k, top-p)."""
+"""Per-request sampling settings and the batched sampler."""
 
 from dataclasses import dataclass, field
 
@@ -7,51 +7,131 @@ import torch
 
 @dataclass(slots=True)
 class SamplingParams:
-    """vLLM-style sampling settings. temperature 0 means greedy; top_k <= 0 and top_p 1 switch those filters off."""
+    """vLLM-style sampling settings. temperature 0 means greedy; top_k <= 0, top_p 1 and min_p 0 switch those
+    filters off; penalties of 0 (presence, frequency) or 1 (repetition) are off."""
 
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_tokens: int = 16
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # number of top alternatives to return with each sampled token's logprob
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        checks = [(self.n >= 1, "n must be >= 1"),
+                  (self.temperature >= 0, "temperature must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+                  (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+                  (self.max_tokens >= 1, "max_tokens must be >= 1"),
+                  (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in 0..20"),
+                  (all(self.stop), "stop strings must be non-empty")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"{msg}, got {self}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A private generator per seeded request, so its samples do not depend on what else is in the batch."""
-    if params.temperature == 0 or params.seed is None:
+def make_generator(params: SamplingParams, device: torch.device, offset: int = 0) -> torch.Generator | None:
+    """A private generator per seeded request (offset: the sample index for n > 1), so its samples do not
+    depend on what else is in the batch."""
+    if params.greedy or params.seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(params.seed)
+    return torch.Generator(device=device).manual_seed(params.seed + offset)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token from one row of logits (vocab,)."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k).values[-1]
+def apply_penalties(logits: torch.Tensor, prompt: list[int], output: list[int], p: SamplingParams) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over generated tokens; CTRL repetition penalty over prompt + output."""
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), device=logits.device, dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if output and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[-1]).to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p on one row (vocab,)."""
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = logits.topk(p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
+    if p.top_p < 1:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p
-        drop = probs.cumsum(-1) - probs >= params.top_p
+        drop = probs.cumsum(-1) - probs >= p.top_p  # the tokens ranked above already reach top_p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if p.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+@dataclass(slots=True)
+class SampleRequest:
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+@dataclass(slots=True)
+class Sampled:
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen logprob, top alternatives) per row
+
+
+def sample_batch(logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
+    """One token per row of logits (B, vocab). Greedy rows take the argmax; the others draw with the
+    exponential race argmax(p / E), E ~ Exp(1), using each seeded request's own generator, so a seeded
+    request's tokens do not depend on the batch. One host sync for the whole batch."""
+    logits = logits.float()
+    B, V = logits.shape
+    rows = []
+    for i, r in enumerate(reqs):
+        p = r.params
+        row = logits[i]
+        if p.penalized:
+            row = apply_penalties(row.clone(), r.prompt_token_ids, r.output_token_ids, p)
+        if not p.greedy:
+            probs = filter_logits(row, p).softmax(-1)
+            noise = torch.empty_like(probs).exponential_(generator=r.generator)
+            row = probs / noise
+        rows.append(row)
+    choice = torch.stack(rows).argmax(-1) if any(not r.params.greedy or r.params.penalized for r in reqs) \
+        else logits.argmax(-1)
+    want_lp = [r.params.logprobs is not None for r in reqs]
+    if not any(want_lp):
+        return Sampled(choice.tolist(), [None] * B)
+    lp = logits.log_softmax(-1)
+    k = max(r.params.logprobs or 0 for r in reqs)
+    top = lp.topk(max(k, 1), dim=-1)
+    chosen = lp.gather(1, choice[:, None])[:, 0]
+    ids, chosen_l, top_v, top_i = choice.tolist(), chosen.tolist(), top.values.tolist(), top.indices.tolist()
+    out = []
+    for i, r in enumerate(reqs):
+        n = r.params.logprobs
+        out.append(None if n is None else (chosen_l[i], list(zip(top_i[i][:n], top_v[i][:n]))))
+    return Sampled(ids, out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mixr import LLM, SamplingParams
-from mixr.sampling import sample
+from mixr.sampling import SampleRequest, sample_batch
 from mixr.tokenizer import Tokenizer
 
 
@@ -41,11 +41,15 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch(llm):
 def test_top_k_and_top_p_filters():
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.0])
     g = torch.Generator().manual_seed(0)
-    assert {sample(logits, SamplingParams(temperature=1.0, top_k=1), g) for _ in range(20)} == {1}
-    assert {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)} == {1, 2}
+
+    def draws(params, n):
+        return {sample_batch(logits[None], [SampleRequest(params, g, [], [])]).token_ids[0] for _ in range(n)}
+
+    assert draws(SamplingParams(temperature=1.0, top_k=1), 20) == {1}
+    assert draws(SamplingParams(temperature=1.0, top_k=2), 200) == {1, 2}
     # probs ~ [.02, .44, .40, .01, .16]: top_p=0.8 keeps the two best (0.44 < 0.8 <= 0.84)
-    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.8), g) for _ in range(300)} == {1, 2}
-    assert sample(logits, SamplingParams(temperature=0)) == 1
+    assert draws(SamplingParams(temperature=1.0, top_p=0.8), 300) == {1, 2}
+    assert draws(SamplingParams(temperature=0), 1) == {1}
 
 
 def test_stop_string_spanning_tokens(llm):
@@ -89,8 +93,8 @@ def test_chat_applies_template(llm):
 
 
 def test_bad_requests(llm):
-    with pytest.raises(ValueError, match="exceeds the model's context of 256 tokens"):
-        llm.generate([5] * 250, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="the model's context is 256 tokens"):
+        llm.generate([5] * 256, SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([[1, 2, 99999]])
     with pytest.raises(ValueError, match="temperature must be >= 0"):

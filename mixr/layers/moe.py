@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixr.kernels.fused_moe import fused_moe, fused_moe_ref
 from mixr.layers.mlp import GatedMLP
 
 
@@ -80,24 +81,12 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Plain-PyTorch reference: x (T, H), ids/weights (T, k) -> (T, H). Differentiable in x and weights."""
-        T, k = ids.shape
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()  # one sync per layer
-        token = order // k
-        w = weights.flatten()[order].to(x.dtype)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            t = token[start:start + n]
-            gate, up = F.linear(x[t], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * w[start:start + n, None]
-            out = out.index_add(0, t, y)
-            start += n
-        return out
+        """x (T, H), ids/weights (T, k) -> (T, H). The Triton kernels have no backward: anything that needs
+        gradients takes the plain-PyTorch path."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
+                                                  or self.gate_up_proj.requires_grad)
+        moe = fused_moe_ref if needs_grad else fused_moe
+        return moe(x, self.gate_up_proj, self.down_proj, ids, weights)
 
 
 class MoE(nn.Module):

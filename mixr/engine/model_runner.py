@@ -1,0 +1,143 @@
+"""The one place that touches the device: KV-cache allocation, input tensors, forward, sampling, CUDA graphs."""
+
+import torch
+
+from mixr.engine.paged_cache import PagedCache, PagedStep, StepMeta
+from mixr.engine.sequence import Sequence
+from mixr.models.base import CausalLM
+from mixr.sampling import SampleRequest, Sampled, sample_batch
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, block_size: int, max_model_len: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
+                 kv_cache_bytes: int | None = None, cuda_graphs: bool = True):
+        self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        shapes = model.config.cache_shapes()
+        num_layers = len(model.model.layers)
+        self.kv_bytes_per_token = PagedCache.bytes_per_token(num_layers, shapes, self.dtype)
+        if kv_cache_bytes is not None:
+            budget = kv_cache_bytes
+        else:
+            budget = self._free_memory(gpu_memory_utilization, max_num_batched_tokens)
+            # Never more than every running sequence at full length could hold, twice over for the prefix cache:
+            # on a CPU this keeps a 2 GiB zero-fill from dominating start-up for small models.
+            budget = min(budget, 2 * max_num_seqs * max_model_len * self.kv_bytes_per_token)
+        self.num_blocks = int(budget // (self.kv_bytes_per_token * block_size))
+        if self.num_blocks < 1:
+            raise MemoryError(f"no memory left for the KV cache (budget {budget / 2**20:.0f} MiB, "
+                              f"{self.kv_bytes_per_token * block_size} bytes per block)")
+        self.cache = PagedCache(num_layers, self.num_blocks, block_size, shapes, self.dtype, self.device)
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs])
+
+    # -- memory ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _free_memory(self, utilization: float, max_tokens: int) -> int:
+        """Bytes for the KV cache on a CPU (a fixed 2 GiB budget) or a GPU: utilization x total, minus what the
+        weights and the activations of the largest prefill (measured by running one) take."""
+        if self.device.type != "cuda":
+            return 2 << 30
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(1, max_tokens, dtype=torch.long, device=self.device)
+        self.model.lm_head(self.model.hidden_states(ids)[:, -1])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        return max(0, int(total * utilization) - peak - used_by_others)
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[t // bs] * bs + t % bs for t in range(start, end)]
+
+    def _tensor(self, rows, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(rows, dtype=dtype).to(self.device, non_blocking=True)
+
+    def _prefill_inputs(self, seqs: list[Sequence], counts: list[int]):
+        scratch = self.cache.scratch_slot
+        L = max(counts)
+        S = max(s.num_computed_tokens + n for s, n in zip(seqs, counts))
+        ids, pos, slots, gather = [], [], [], []
+        for s, n in zip(seqs, counts):
+            start = s.num_computed_tokens
+            pad = L - n
+            ids.append(s.token_ids[start:start + n] + [0] * pad)
+            pos.append(list(range(start, start + L)))
+            slots.append(self._slots(s, start, start + n) + [scratch] * pad)
+            ctx = self._slots(s, 0, start + n)
+            gather.append(ctx + [scratch] * (S - len(ctx)))
+        meta = StepMeta(decode=False, slots=self._tensor(slots), gather=self._tensor(gather))
+        last = self._tensor([n - 1 for n in counts])
+        return self._tensor(ids), self._tensor(pos), meta, last
+
+    def _decode_inputs(self, seqs: list[Sequence], batch: int):
+        """Inputs padded to `batch` rows (a captured graph size); padding rows write to the scratch slot."""
+        pad = batch - len(seqs)
+        ids = [[s.last_token] for s in seqs] + [[0]] * pad
+        pos = [[s.num_tokens - 1] for s in seqs] + [[0]] * pad
+        slots = [self._slots(s, s.num_tokens - 1, s.num_tokens) for s in seqs] + [[self.cache.scratch_slot]] * pad
+        width = self.max_blocks_per_seq
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * pad
+        lens = [s.num_tokens for s in seqs] + [1] * pad
+        return (self._tensor(ids), self._tensor(pos), self._tensor(slots), self._tensor(tables, torch.int32),
+                self._tensor(lens, torch.int32))
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def _decode_logits(self, ids, pos, meta: StepMeta) -> torch.Tensor:
+        hidden = self.model.hidden_states(ids, pos, PagedStep(self.cache, meta))
+        return self.model.lm_head(hidden[:, -1])
+
+    @torch.inference_mode()
+    def _capture(self, sizes: list[int]) -> None:
+        B = max(sizes)
+        dev = self.device
+        self.g_ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((B, 1), self.cache.scratch_slot, dtype=torch.long, device=dev)
+        self.g_tables = torch.zeros(B, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_lens = torch.ones(B, dtype=torch.int32, device=dev)
+        self.g_out: dict[int, torch.Tensor] = {}
+        pool = None
+        for b in sorted(sizes, reverse=True):  # largest first, so smaller graphs reuse its memory pool
+            meta = StepMeta(True, self.g_slots[:b], self.g_tables[:b], self.g_lens[:b])
+            self._decode_logits(self.g_ids[:b], self.g_pos[:b], meta)  # warm up kernels (autotune, lazy init)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.g_out[b] = self._decode_logits(self.g_ids[:b], self.g_pos[:b], meta)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize(dev)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        n = len(seqs)
+        size = next((b for b in sorted(self.graphs) if b >= n), None)
+        if size is None:
+            ids, pos, slots, tables, lens = self._decode_inputs(seqs, n)
+            return self._decode_logits(ids, pos, StepMeta(True, slots, tables, lens))
+        ids, pos, slots, tables, lens = self._decode_inputs(seqs, size)
+        self.g_ids[:size].copy_(ids)
+        self.g_pos[:size].copy_(pos)
+        self.g_slots[:size].copy_(slots)
+        self.g_tables[:size].copy_(tables)
+        self.g_lens[:size].copy_(lens)
+        self.graphs[size].replay()
+        return self.g_out[size][:n]
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
+        ids, pos, meta, last = self._prefill_inputs(seqs, counts)
+        hidden = self.model.hidden_states(ids, pos, PagedStep(self.cache, meta))
+        return self.model.lm_head(hidden[torch.arange(len(seqs), device=self.device), last])
+
+    def sample(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
+        return sample_batch(logits, reqs)

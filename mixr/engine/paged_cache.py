@@ -1,0 +1,84 @@
+"""Paged KV storage and the per-step views layers attend through.
+
+Each layer owns tensors of shape (num_blocks + 1, block_size, *entry_shape). Block `num_blocks` is scratch:
+padding tokens (rows added to reach a CUDA-graph batch size, or right padding in a prefill batch) write there,
+so no step needs a data-dependent mask. For MLA the entry is one row [latent | rope key] of
+kv_lora_rank + qk_rope_head_dim values: the compressed cache, never expanded K/V.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from mixr.kernels.attention import paged_decode_attention
+from mixr.layers.attention import causal_attention
+
+
+class PagedCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, entry_shapes: list[tuple[int, ...]],
+                 dtype: torch.dtype, device: torch.device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.layers = [[torch.zeros(num_blocks + 1, block_size, *s, dtype=dtype, device=device) for s in entry_shapes]
+                       for _ in range(num_layers)]
+        self.scratch_slot = num_blocks * block_size
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, entry_shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
+        return num_layers * sum(torch.Size(s).numel() for s in entry_shapes) * dtype.itemsize
+
+
+@dataclass
+class StepMeta:
+    """Device tensors describing one forward over a (B, L) right-padded batch.
+
+    slots (B, L): cache slot of every input token (scratch for padding). For decode (L == 1),
+    block_tables (B, max_blocks) and context_lens (B,) feed the paged kernel; for prefill, gather (B, S) lists
+    the slots of each row's whole context (cached prefix + this chunk) so attention can read it back.
+    """
+    decode: bool
+    slots: torch.Tensor
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    gather: torch.Tensor | None = None
+
+
+class PagedStep:
+    """What the model's `cache` argument is during an engine forward."""
+
+    def __init__(self, cache: PagedCache, meta: StepMeta):
+        self.cache, self.meta, self.decode = cache, meta, meta.decode
+
+    def layer(self, i: int) -> "PagedLayer":
+        return PagedLayer(self, self.cache.layers[i])
+
+
+class PagedLayer:
+    def __init__(self, step: PagedStep, buffers: list[torch.Tensor]):
+        self.meta, self.buffers, self.decode = step.meta, buffers, step.decode
+
+    def _store(self, new: tuple[torch.Tensor, ...]) -> None:
+        slots = self.meta.slots.reshape(-1)
+        for buf, x in zip(self.buffers, new, strict=True):
+            flat = buf.view(-1, *buf.shape[2:])
+            flat.index_copy_(0, slots, x.reshape(-1, *buf.shape[2:]).to(buf.dtype))
+
+    def update(self, positions: torch.Tensor, *new: torch.Tensor):
+        """Prefill: store this chunk, then read back each row's whole context (B, S, ...) in position order."""
+        self._store(new)
+        gather = self.meta.gather
+        out = [buf.view(-1, *buf.shape[2:])[gather] for buf in self.buffers]
+        k_pos = torch.arange(gather.shape[1], device=gather.device).expand_as(gather)
+        return (*out, k_pos)
+
+    def attention(self, q, positions, scale, k, v=None, v_dim=None):
+        new = (k,) if v is None else (k, v)
+        if not self.decode:
+            *kv, k_pos = self.update(positions, *new)
+            k_all = kv[0]
+            v_all = k_all[..., :v_dim] if v is None else kv[1]
+            return causal_attention(q, k_all, v_all, positions, k_pos, scale)
+        self._store(new)
+        k_cache = self.buffers[0]
+        v_cache = k_cache[..., :v_dim] if v is None else self.buffers[1]
+        out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.meta.block_tables, self.meta.context_lens, scale)
+        return out[:, None]  # (B, 1, H, Dv)
