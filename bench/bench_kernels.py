@@ -39,7 +39,8 @@ ATTN_MODELS = {"qwen3-30b-a3b-gqa": dict(Hq=32, Hkv=4, Dk=128, Dv=128, mla=False
 ATTN_SHAPES = [(1, 512), (1, 4096), (8, 512), (8, 4096), (32, 512), (32, 4096), (128, 1024), (256, 512), (256, 4096)]
 L2_BYTES = 50e6
 DEV = "cuda"
-DEADLINE = [math.inf]
+DEADLINE = [math.inf]  # past it, nothing new starts
+SWEEP_END = [math.inf]  # past it, the current shape's sweep stops (each shape gets a share of the stage's time)
 
 
 def log(*a):
@@ -48,6 +49,11 @@ def log(*a):
 
 def time_left() -> float:
     return DEADLINE[0] - time.time()
+
+
+def share_sweep(stage_end: float, parts_left: int):
+    """Give the next shape's sweep an equal part of what is left of the stage's time."""
+    SWEEP_END[0] = time.time() + max(0.0, min(stage_end, DEADLINE[0] - 20) - time.time()) / max(1, parts_left)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -150,7 +156,7 @@ def sweep_moe(T: int, default: dict, measure) -> list[dict]:
     def attempt(cfg):
         key = json.dumps(cfg, sort_keys=True)
         if key not in tried:
-            if time_left() < 40:
+            if time.time() > SWEEP_END[0]:
                 return None
             try:
                 e, ms = measure(cfg)
@@ -186,14 +192,15 @@ def sweep_moe(T: int, default: dict, measure) -> list[dict]:
     return list(tried.values())
 
 
-def bench_moe(name, spec, sweep, results, ceil_bw):
+def bench_moe(name, spec, sweep, results, ceil_bw, stage_end=math.inf):
     E, k, H, I = spec["E"], spec["k"], spec["H"], spec["I"]
     layer_bytes = 3 * E * H * I * 2
     n_layers = 4
     gu, dn = moe_layers(E, H, I, n_layers)
     gu32, dn32 = gu[0].float(), dn[0].float()
     gen = torch.Generator(device=DEV).manual_seed(0)
-    for T in MOE_T:
+    for i, T in enumerate(MOE_T):
+        share_sweep(stage_end, len(MOE_T) - i)
         if time_left() < 20:
             log(f"moe {name} T={T}: skipped (time budget)")
             continue
@@ -317,15 +324,17 @@ def attn_candidates(mla: bool, B: int, default: dict) -> list[dict]:
     if not mla:
         out.append(dict(default, num_stages=3))
     if B <= 32:  # the number of splits matters where the batch alone does not fill the GPU
-        out += [dict(default, waves=1), dict(default, waves=4)]
+        out += [dict(default, waves=1), dict(default, waves=4), dict(default, MIN_SPLIT=default["MIN_SPLIT"] * 2),
+                dict(default, MIN_SPLIT=default["MIN_SPLIT"] // 2, waves=4)]
     return out
 
 
-def bench_attention(name, spec, sweep, results, ceil_bw):
+def bench_attention(name, spec, sweep, results, ceil_bw, stage_end=math.inf):
     Hq, Hkv, Dk, Dv = spec["Hq"], spec["Hkv"], spec["Dk"], spec["Dv"]
     scale = Dk**-0.5 if not spec["mla"] else 192**-0.5
     default = attn_mod.ATTN_CONFIGS["mla" if spec["mla"] else "gqa"]
-    for B, ctx in ATTN_SHAPES:
+    for i, (B, ctx) in enumerate(ATTN_SHAPES):
+        share_sweep(stage_end, len(ATTN_SHAPES) - i)
         if time_left() < 20:
             log(f"attention {name} B={B} ctx={ctx}: skipped (time budget)")
             continue
@@ -364,7 +373,7 @@ def bench_attention(name, spec, sweep, results, ceil_bw):
         if sweep:
             tried = [dict(config=default, ms=ms, rel_err=err)]
             for cfg in attn_candidates(spec["mla"], B, default):
-                if time_left() < 30:
+                if time.time() > SWEEP_END[0]:
                     break
                 if cfg == default:
                     continue
@@ -405,8 +414,8 @@ def check_attention(results):
         kc, vc, bt = layers[0]
         ref32 = paged_decode_attention_ref(q.float(), kc.float(), kc.float()[..., :spec["Dv"]] if spec["mla"]
                                            else vc.float(), bt, lens, 0.1)
-        for cfg in (None, dict(BLOCK_N=16, BLOCK_H=16, waves=8, num_warps=4, num_stages=2),
-                    dict(BLOCK_N=64, BLOCK_H=16, waves=0, num_warps=8, num_stages=2)):
+        for cfg in (None, dict(BLOCK_N=16, BLOCK_H=16, waves=8, MIN_SPLIT=16, num_warps=4, num_stages=2),
+                    dict(BLOCK_N=64, BLOCK_H=16, waves=0, MIN_SPLIT=64, num_warps=8, num_stages=2)):
             poison_allocator()
             out = paged_decode_attention(q, kc, vc, bt, lens, 0.1, config=cfg)
             err = rel_err(out, ref32)
@@ -431,7 +440,7 @@ def check_attention(results):
     bt.copy_(bt[torch.randperm(B, device=DEV)])
     q.copy_(torch.randn_like(q))
     g.replay()
-    err = rel_err(out, paged_decode_attention_ref(q.float(), kc.float(), kc.float()[..., :512], bt, lens, 0.1))
+    err = rel_err(out, paged_decode_attention_ref(q.float(), kc.float(), kc.float()[..., :spec["Dv"]], bt, lens, 0.1))
     results.append(dict(check="paged_decode_attention_cuda_graph", rel_err=err))
     log(f"check attention graph replay: err {err:.1e}")
 
@@ -461,19 +470,23 @@ def main():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, default=str)
 
+    # (weight, stage): what is left of the budget after the checks is shared among the timed stages by weight.
     stages = []
     if not only or "checks" in only:
-        stages += [lambda: check_moe_misc(report["checks"]), lambda: check_moe_graph(report["checks"]),
-                   lambda: check_attention(report["checks"])]
+        stages += [(0, lambda end: check_moe_misc(report["checks"])), (0, lambda end: check_moe_graph(report["checks"])),
+                   (0, lambda end: check_attention(report["checks"]))]
     if not only or "moe" in only:
-        stages += [lambda n=n, s=s: bench_moe(n, s, args.sweep, report["moe"], ceil_bw) for n, s in MOE_MODELS.items()]
+        stages += [(1.3, lambda end, n=n, s=s: bench_moe(n, s, args.sweep, report["moe"], ceil_bw, end))
+                   for n, s in MOE_MODELS.items()]
     if not only or "attention" in only:
-        stages += [lambda n=n, s=s: bench_attention(n, s, args.sweep, report["attention"], ceil_bw)
+        stages += [(1.0, lambda end, n=n, s=s: bench_attention(n, s, args.sweep, report["attention"], ceil_bw, end))
                    for n, s in ATTN_MODELS.items()]
     failed = False
-    for stage in stages:
+    for i, (weight, stage) in enumerate(stages):
+        later = sum(w for w, _ in stages[i:])
+        end = time.time() + (DEADLINE[0] - time.time()) * weight / later if later else DEADLINE[0]
         try:
-            stage()
+            stage(end)
         except Exception as ex:  # keep going: one broken stage should not hide the others' numbers
             failed = True
             import traceback

@@ -231,8 +231,8 @@ def test_paged_attention_triton_matches_ref(layout, bs, lens, splits):
     args, _, _ = paged_inputs(len(lens), lens, Hq, Hkv, Dk, Dv, bs, mla, torch.bfloat16, "cuda")
     q, kc, vc, bt, cl = args
     ref = paged_decode_attention_ref(q.float(), kc.float(), kc.float()[..., :Dv] if mla else vc.float(), bt, cl, 0.1)
-    cfg = {"default": None, "many": dict(BLOCK_N=16, BLOCK_H=16, waves=16, num_warps=4, num_stages=2),
-           "one": dict(BLOCK_N=32, BLOCK_H=16, waves=0, num_warps=4, num_stages=2)}[splits]
+    cfg = {"default": None, "many": dict(BLOCK_N=16, BLOCK_H=16, waves=16, MIN_SPLIT=16, num_warps=4, num_stages=2),
+           "one": dict(BLOCK_N=32, BLOCK_H=16, waves=0, MIN_SPLIT=16, num_warps=4, num_stages=2)}[splits]
     out = paged_decode_attention(q, kc, vc, bt, cl, 0.1, config=cfg)
     assert out.shape == (len(lens), Hq, Dv)
     if any(lens):

@@ -23,9 +23,6 @@ except ImportError:  # CPU-only installs: the reference path serves
 
 HAS_TRITON = triton is not None
 
-# Split sizing: aim for about `waves` (config) programs per multiprocessor, with at least MIN_SPLIT_TILES tiles of
-# BLOCK_N tokens in each split (a split also pays for loading q and writing a partial row).
-MIN_SPLIT_TILES = 2
 
 
 def _check(q, k_cache, v_cache, block_tables, context_lens) -> tuple[int, int, int, int, int, int]:
@@ -195,11 +192,15 @@ if HAS_TRITON:
                  mask=dv_mask)
 
 
-# BLOCK_N (tokens per tile), BLOCK_H (most query heads per program), waves (target programs per multiprocessor),
-# num_warps, num_stages by kind of head layout; tuned by bench/bench_kernels.py.
+# By kind of head layout; tuned by bench/bench_kernels.py:
+#   BLOCK_N tokens per tile; BLOCK_H most query heads per program;
+#   waves: split the context until there are about waves * (multiprocessors) programs, but
+#   MIN_SPLIT: never below this many tokens per split (each split loads q and writes a (heads, Dv) fp32 partial:
+#              for MLA that partial weighs as much as ~30 cached tokens, so splits must stay long);
+#   num_warps, num_stages.
 ATTN_CONFIGS = {
-    "mla": dict(BLOCK_N=32, BLOCK_H=16, waves=2, num_warps=8, num_stages=2),  # 1 kv head, Dk 576 / Dv 512
-    "gqa": dict(BLOCK_N=32, BLOCK_H=16, waves=2, num_warps=4, num_stages=2),  # Dk = Dv <= 256
+    "mla": dict(BLOCK_N=32, BLOCK_H=16, waves=2, MIN_SPLIT=128, num_warps=8, num_stages=2),  # 1 kv head, 576 / 512
+    "gqa": dict(BLOCK_N=32, BLOCK_H=16, waves=2, MIN_SPLIT=64, num_warps=4, num_stages=2),  # Dk = Dv <= 256
 }
 _SM_COUNT: dict[int, int] = {}
 
@@ -211,11 +212,11 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def split_plan(programs: int, max_ctx: int, block_n: int, target: int) -> tuple[int, int]:
+def split_plan(programs: int, max_ctx: int, block_n: int, target: int, min_split: int) -> tuple[int, int]:
     """(num_splits, split_len): about `target` programs in all, from shapes and a host-side length bound only."""
     tiles = max(1, triton.cdiv(max_ctx, block_n))
     want = triton.cdiv(target, programs)
-    splits = max(1, min(want, tiles // MIN_SPLIT_TILES))
+    splits = max(1, min(want, tiles // max(1, min_split // block_n)))
     split_len = triton.cdiv(tiles, splits) * block_n
     return triton.cdiv(max(max_ctx, 1), split_len), split_len
 
@@ -253,7 +254,8 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
     block_n = cfg["BLOCK_N"]
     block_h = min(cfg["BLOCK_H"], max(16, triton.next_power_of_2(group)))
     head_blocks = triton.cdiv(group, block_h)
-    num_splits, split_len = split_plan(B * Hkv * head_blocks, max_ctx, block_n, cfg["waves"] * sm_count)
+    num_splits, split_len = split_plan(B * Hkv * head_blocks, max_ctx, block_n, cfg["waves"] * sm_count,
+                                       cfg["MIN_SPLIT"])
     d1 = 1 << (Dk.bit_length() - 1)  # largest power of two <= Dk
     d2 = 0 if d1 == Dk else max(16, triton.next_power_of_2(Dk - d1))
     # MLA: V is the leading Dv columns of the very same rows as K, so the K tile already holds it.
