@@ -29,7 +29,7 @@ class LLM:
         self.config = self.model.config
         self._ids = itertools.count()
 
-    def _add(self, prompts, params) -> list[str]:
+    def _add(self, prompts, params, stream: bool) -> list[str]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -41,7 +41,7 @@ class LLM:
             for i, (p, sp) in enumerate(zip(prompts, params)):
                 rid = f"offline-{next(self._ids)}"
                 try:
-                    self.engine.add_request(rid, p, sp)
+                    self.engine.add_request(rid, p, sp, stream=stream)
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}") from None
                 ids.append(rid)
@@ -54,7 +54,7 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt, in order."""
-        ids = self._add(prompts, params)
+        ids = self._add(prompts, params, stream=False)
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
             for out in self.engine.step():
@@ -64,7 +64,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, as they are decoded."""
-        (rid,) = self._add([prompt], params)
+        (rid,) = self._add([prompt], params, stream=True)
         try:
             while True:
                 for out in self.engine.step():

@@ -109,19 +109,17 @@ def sample_batch(logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
     request's tokens do not depend on the batch. One host sync for the whole batch."""
     logits = logits.float()
     B, V = logits.shape
-    rows = []
-    for i, r in enumerate(reqs):
-        p = r.params
+    choice = logits.argmax(-1)
+    special = [i for i, r in enumerate(reqs) if not r.params.greedy or r.params.penalized]
+    for i in special:
+        r, p = reqs[i], reqs[i].params
         row = logits[i]
         if p.penalized:
             row = apply_penalties(row.clone(), r.prompt_token_ids, r.output_token_ids, p)
         if not p.greedy:
             probs = filter_logits(row, p).softmax(-1)
-            noise = torch.empty_like(probs).exponential_(generator=r.generator)
-            row = probs / noise
-        rows.append(row)
-    choice = torch.stack(rows).argmax(-1) if any(not r.params.greedy or r.params.penalized for r in reqs) \
-        else logits.argmax(-1)
+            row = probs / torch.empty_like(probs).exponential_(generator=r.generator)
+        choice[i] = row.argmax()
     want_lp = [r.params.logprobs is not None for r in reqs]
     if not any(want_lp):
         return Sampled(choice.tolist(), [None] * B)

@@ -91,16 +91,23 @@ class RequestOutput:
 
 class _Text:
     """Incremental detokenisation of one sample, with stop strings: text that could still begin a stop
-    string is held back from streams until it is known not to."""
+    string is held back from streams until it is known not to. When nobody streams and there are no stop
+    strings, the text is decoded once at the end instead (per-token decoding costs more than a decode step
+    of the model at large batch)."""
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, out: CompletionOutput):
-        self.params, self.out = params, out
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, out: CompletionOutput, stream: bool):
+        self.params, self.out, self.tokenizer = params, out, tokenizer
+        self.incremental = stream or bool(params.stop)
         self.decoder = tokenizer.decode_stream(skip_special_tokens=params.skip_special_tokens)
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
         self.full = ""  # all decoded text; out.text is what has been released
         self.stopped = False
+        self.ended_by_stop_token = False
 
     def add(self, token: int, is_stop_token: bool) -> None:
+        self.ended_by_stop_token = is_stop_token
+        if not self.incremental:
+            return
         delta = self.decoder.step(token)
         if not is_stop_token:  # eos / stop-token ids end the text without adding to it
             self.full += delta
@@ -111,7 +118,18 @@ class _Text:
                 self.full = self.full[:min(hits)]
                 self.stopped = True
 
+    def _decode_all(self) -> str:
+        ids = self.out.token_ids[:-1] if self.ended_by_stop_token else self.out.token_ids
+        return self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
+
     def release(self, finished: bool) -> None:
+        if finished and not self.stopped:
+            # the stream decoder holds back an incomplete trailing character; the final text is decode()'s
+            self.full = self._decode_all()
+        if not self.incremental:
+            if finished:
+                self.out.text = self.out.delta_text = self.full
+            return
         end = len(self.full) if finished else max(len(self.out.text), len(self.full) - self.holdback)
         self.out.delta_text = self.full[len(self.out.text):end]
         self.out.text = self.full[:end]
@@ -119,11 +137,11 @@ class _Text:
 
 class _Request:
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, seqs: list[Sequence],
-                 tokenizer: Tokenizer, arrival: float):
+                 tokenizer: Tokenizer, arrival: float, stream: bool):
         self.id, self.params, self.seqs = request_id, params, seqs
         outs = [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
         self.output = RequestOutput(request_id, prompt, outs, RequestMetrics(arrival, num_prompt_tokens=len(prompt)))
-        self.texts = [_Text(tokenizer, params, o) for o in outs]
+        self.texts = [_Text(tokenizer, params, o, stream) for o in outs]
 
 
 class LLMEngine:
@@ -161,8 +179,10 @@ class LLMEngine:
                              "and at least one must be left to generate")
         return ids
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        """Queue a request; raises ValueError (nothing queued) for a prompt that cannot run."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    stream: bool = True) -> None:
+        """Queue a request; raises ValueError (nothing queued) for a prompt that cannot run.
+        stream=False: the caller only reads the finished output, so text is decoded once at the end."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         params = params or SamplingParams()
@@ -177,7 +197,7 @@ class LLMEngine:
             for s in added:
                 self.scheduler.abort(s.seq_id)
             raise
-        req = _Request(request_id, ids, params, seqs, self.tokenizer, seqs[0].arrival_time)
+        req = _Request(request_id, ids, params, seqs, self.tokenizer, seqs[0].arrival_time, stream)
         self.requests[request_id] = req
         for i, s in enumerate(seqs):
             self._by_seq[s.seq_id] = (req, i)
@@ -224,7 +244,7 @@ class LLMEngine:
         if keep:
             seqs = [batch.seqs[i] for i in sampled_rows]
             reqs = [SampleRequest(s.params, self._generators[s.seq_id], s.prompt_token_ids,
-                                  s.token_ids[s.num_prompt_tokens:]) for s in seqs]
+                                  s.token_ids[s.num_prompt_tokens:] if s.params.penalized else []) for s in seqs]
             sampled = self.runner.sample(logits[keep] if len(keep) < len(rows) else logits, reqs)
         tokens: list[int | None] = [None] * len(batch.seqs)
         lps: list = [None] * len(batch.seqs)

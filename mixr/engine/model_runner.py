@@ -85,7 +85,7 @@ class ModelRunner:
         ids = [[s.last_token] for s in seqs] + [[0]] * pad
         pos = [[s.num_tokens - 1] for s in seqs] + [[0]] * pad
         slots = [self._slots(s, s.num_tokens - 1, s.num_tokens) for s in seqs] + [[self.cache.scratch_slot]] * pad
-        width = self.max_blocks_per_seq
+        width = max(len(s.block_table) for s in seqs)  # columns past a row's context are never read
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * pad
         lens = [s.num_tokens for s in seqs] + [1] * pad
         return (self._tensor(ids), self._tensor(pos), self._tensor(slots), self._tensor(tables, torch.int32),
@@ -128,7 +128,7 @@ class ModelRunner:
         self.g_ids[:size].copy_(ids)
         self.g_pos[:size].copy_(pos)
         self.g_slots[:size].copy_(slots)
-        self.g_tables[:size].copy_(tables)
+        self.g_tables[:size, :tables.shape[1]].copy_(tables)
         self.g_lens[:size].copy_(lens)
         self.graphs[size].replay()
         return self.g_out[size][:n]
