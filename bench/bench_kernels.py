@@ -15,8 +15,9 @@ device-to-device copy (bytes read + written / time).
 """
 
 import argparse
-import json
 import importlib
+import itertools
+import json
 import math
 import statistics
 import sys
@@ -143,14 +144,15 @@ def routing(T, E, k, gen=None):
     return ids, w
 
 
-GEMV_UP = [(16, 256), (8, 512), (32, 128), (16, 512), (8, 256)]
-GEMV_DOWN = [(16, 128, True), (8, 256, True), (16, 512, True), (16, 256, False), (8, 512, False), (32, 256, False)]
-TILES_SMALL_M = [(64, 128, 1, 4, 4), (128, 128, 1, 4, 3), (64, 256, 1, 4, 3), (128, 64, 8, 4, 4), (32, 128, 1, 4, 4)]
-TILES_LARGE_M = [(128, 64, 8, 8, 4), (128, 64, 8, 4, 4), (64, 64, 8, 4, 4), (128, 128, 8, 8, 3), (256, 64, 8, 8, 3)]
+GEMV_UP = [(8, 256), (4, 256), (8, 128), (16, 128), (4, 512), (16, 256)]
+GEMV_DOWN = [(16, 128, False), (8, 128, False), (32, 128, False), (16, 256, False), (8, 256, False), (16, 128, True)]
+TILES_SMALL_M = [(64, 128, 1, 4, 4), (32, 128, 1, 4, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 3)]
+TILES_LARGE_M = [(128, 64, 8, 8, 4), (256, 64, 8, 8, 3), (128, 64, 16, 8, 4), (128, 64, 8, 8, 3)]
 
 
 def sweep_moe(T: int, default: dict, measure) -> list[dict]:
-    """Coordinate search over tile configs: for each path / BLOCK_M, vary one GEMM's tile at a time."""
+    """T = 1: every pairing of the small-batch tiles. Otherwise a coordinate search: per path / BLOCK_M, vary one
+    GEMM's tile at a time, keeping the best."""
     tried: dict[str, dict] = {}
 
     def attempt(cfg):
@@ -170,16 +172,16 @@ def sweep_moe(T: int, default: dict, measure) -> list[dict]:
         return b if b is not None and b["ms"] == b["ms"] and (a is None or not a["ms"] < b["ms"]) else a
 
     attempt(default)
-    if T <= 8:
-        cur = attempt(moe_mod._gemv(16, 256, 16, 128))
+    if T == 1:
+        for (un, uk), (dn, dk, fuse) in itertools.product(GEMV_UP, GEMV_DOWN):
+            attempt(moe_mod._gemv(un, uk, dn, dk, fuse))
+    elif T <= 8:
+        cur = attempt(moe_mod._gemv(8, 256, 16, 128, False))
         for un, uk in GEMV_UP:
-            c = cur["config"] if cur else moe_mod._gemv(16, 256, 16, 128)
-            cur = better(cur, attempt({**c, "UP_N": un, "UP_K": uk}))
+            cur = better(cur, attempt({**cur["config"], "UP_N": un, "UP_K": uk})) if cur else None
         for dn, dk, fuse in GEMV_DOWN:
-            c = cur["config"]
-            cur = better(cur, attempt({**c, "DOWN_N": dn, "DOWN_K": dk, "FUSE_K": fuse}))
-        attempt({**cur["config"], "num_warps": 8})
-    bms = [16] if T <= 8 else [16, 32] if T <= 32 else [16, 32, 64] if T <= 256 else [64, 128]
+            cur = better(cur, attempt({**cur["config"], "DOWN_N": dn, "DOWN_K": dk, "FUSE_K": fuse})) if cur else None
+    bms = [16] if T <= 32 else [32] if T <= 256 else [64, 128]
     keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
     for bm in bms:
         tiles = TILES_SMALL_M if bm <= 32 else TILES_LARGE_M
@@ -319,13 +321,10 @@ def sdpa_gather(q, kc, vc, bt, lens, scale):
 
 
 def attn_candidates(mla: bool, B: int, default: dict) -> list[dict]:
-    out = [dict(default, BLOCK_N=bn, num_warps=w) for bn in ((16, 32, 64) if mla else (16, 32, 64, 128))
-           for w in (4, 8) if not (mla and bn == 64 and w == 4)]
-    if not mla:
-        out.append(dict(default, num_stages=3))
-    if B <= 32:  # the number of splits matters where the batch alone does not fill the GPU
-        out += [dict(default, waves=1), dict(default, waves=4), dict(default, MIN_SPLIT=default["MIN_SPLIT"] * 2),
-                dict(default, MIN_SPLIT=default["MIN_SPLIT"] // 2, waves=4)]
+    tiles = ((32, 4), (32, 8), (64, 8), (16, 4), (64, 4)) if mla else ((64, 4), (32, 4), (128, 4), (128, 8), (64, 8))
+    out = [dict(default, BLOCK_N=bn, num_warps=w) for bn, w in tiles]
+    out += [dict(default, waves=2), dict(default, waves=8), dict(default, MIN_SPLIT=128), dict(default, MIN_SPLIT=32),
+            dict(default, waves=2, MIN_SPLIT=128), dict(default, num_stages=3)]
     return out
 
 

@@ -199,8 +199,8 @@ if HAS_TRITON:
 #              for MLA that partial weighs as much as ~30 cached tokens, so splits must stay long);
 #   num_warps, num_stages.
 ATTN_CONFIGS = {
-    "mla": dict(BLOCK_N=32, BLOCK_H=16, waves=2, MIN_SPLIT=128, num_warps=8, num_stages=2),  # 1 kv head, 576 / 512
-    "gqa": dict(BLOCK_N=32, BLOCK_H=16, waves=2, MIN_SPLIT=64, num_warps=4, num_stages=2),  # Dk = Dv <= 256
+    "mla": dict(BLOCK_N=32, BLOCK_H=16, waves=4, MIN_SPLIT=64, num_warps=4, num_stages=2),  # 1 kv head, 576 / 512
+    "gqa": dict(BLOCK_N=64, BLOCK_H=16, waves=2, MIN_SPLIT=64, num_warps=4, num_stages=2),  # Dk = Dv <= 256
 }
 _SM_COUNT: dict[int, int] = {}
 

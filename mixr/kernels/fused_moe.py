@@ -45,24 +45,25 @@ def _gemm(bm, up, down):
 
 MOE_CONFIGS: dict[tuple[int, int], list[tuple[int, dict]]] = {
     (2048, 1408): [
-        (1, _gemv(16, 256, 16, 128)),
-        (8, _gemv(16, 256, 16, 128)),
-        (32, _gemm(16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
-        (256, _gemm(32, (64, 128, 8, 4, 4), (64, 128, 8, 4, 4))),
-        (1 << 30, _gemm(64, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4))),
+        (1, _gemv(8, 256, 16, 128, fuse_k=False)),
+        (8, _gemm(16, (32, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
+        (32, _gemm(16, (64, 256, 1, 4, 3), (64, 128, 1, 4, 4))),
+        (256, _gemm(32, (128, 128, 1, 4, 3), (128, 128, 1, 4, 3))),
+        (1 << 30, _gemm(128, (128, 64, 8, 8, 4), (256, 64, 8, 8, 3))),
     ],
     (2048, 768): [
-        (1, _gemv(16, 256, 16, 128)),
-        (8, _gemv(16, 256, 16, 128)),
-        (32, _gemm(16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
-        (256, _gemm(16, (64, 128, 8, 4, 4), (64, 128, 8, 4, 4))),
-        (1 << 30, _gemm(64, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4))),
+        (1, _gemv(8, 256, 16, 256, fuse_k=False)),
+        (8, _gemv(8, 256, 16, 256, fuse_k=False)),
+        (32, _gemm(16, (32, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
+        (256, _gemm(32, (128, 128, 1, 4, 3), (128, 128, 1, 4, 3))),
+        (1 << 30, _gemm(128, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4))),
     ],
 }
 _DEFAULT_CONFIGS = [
-    (4, _gemv(16, 256, 16, 128)),
-    (64, _gemm(16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
-    (1 << 30, _gemm(64, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4))),
+    (4, _gemv(8, 256, 16, 128, fuse_k=False)),
+    (32, _gemm(16, (64, 128, 1, 4, 4), (64, 128, 1, 4, 4))),
+    (512, _gemm(32, (128, 128, 1, 4, 3), (128, 128, 1, 4, 3))),
+    (1 << 30, _gemm(128, (128, 64, 8, 8, 4), (128, 64, 8, 8, 4))),
 ]
 
 
@@ -259,8 +260,9 @@ if HAS_TRITON:
         t = p // top_k
         e = tl.load(ids_ptr + p).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # Loads wrap the row index instead of masking it, and skip the K mask when BLOCK_K divides H: a mask that
-        # varies along K turns the 16-byte vector loads into 2-byte ones.
+        # Loads wrap the row index instead of masking it, and the main loop runs over whole BLOCK_K tiles with no K
+        # mask: a mask that varies along K turns the 16-byte vector loads into 2-byte ones. A masked tail follows
+        # when BLOCK_K does not divide H.
         rows = offs_n % I
         offs_k = tl.arange(0, BLOCK_K)
         g_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BN, BK)
@@ -270,21 +272,18 @@ if HAS_TRITON:
         # thread and cost occupancy, which this memory-bound loop needs for loads in flight.
         g = tl.zeros((BLOCK_N,), dtype=tl.float32)
         u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            if EVEN_K:
-                xk = tl.load(x_ptrs).to(tl.float32)
-                wg = tl.load(g_ptrs)
-                wu = tl.load(u_ptrs)
-            else:
-                k_mask = offs_k < H - k0
-                xk = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-                wg = tl.load(g_ptrs, mask=k_mask[None, :], other=0.0)
-                wu = tl.load(u_ptrs, mask=k_mask[None, :], other=0.0)
-            g += tl.sum(wg.to(tl.float32) * xk[None, :], 1)
-            u += tl.sum(wu.to(tl.float32) * xk[None, :], 1)
+        for k0 in range(0, H - H % BLOCK_K, BLOCK_K):
+            xk = tl.load(x_ptrs).to(tl.float32)
+            g += tl.sum(tl.load(g_ptrs).to(tl.float32) * xk[None, :], 1)
+            u += tl.sum(tl.load(u_ptrs).to(tl.float32) * xk[None, :], 1)
             x_ptrs += BLOCK_K
             g_ptrs += BLOCK_K * stride_wk
             u_ptrs += BLOCK_K * stride_wk
+        if not EVEN_K:
+            k_mask = offs_k < H % BLOCK_K
+            xk = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+            g += tl.sum(tl.load(g_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32) * xk[None, :], 1)
+            u += tl.sum(tl.load(u_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32) * xk[None, :], 1)
         tl.store(act_ptr + p * I + offs_n, (g * tl.sigmoid(g) * u).to(act_ptr.dtype.element_ty), mask=offs_n < I)
 
     @triton.jit(do_not_specialize=["pairs_per_prog"])
@@ -307,17 +306,15 @@ if HAS_TRITON:
             w_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
             a_ptrs = act_ptr + p * I + offs_k
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs).to(tl.float32)
-                    w = tl.load(w_ptrs)
-                else:
-                    k_mask = offs_k < I - k0
-                    a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-                    w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-                acc += tl.sum(w.to(tl.float32) * a[None, :], 1)
+            for k0 in range(0, I - I % BLOCK_K, BLOCK_K):  # whole tiles unmasked, then the tail (as above)
+                a = tl.load(a_ptrs).to(tl.float32)
+                acc += tl.sum(tl.load(w_ptrs).to(tl.float32) * a[None, :], 1)
                 a_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K * stride_wk
+            if not EVEN_K:
+                k_mask = offs_k < I % BLOCK_K
+                a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+                acc += tl.sum(tl.load(w_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32) * a[None, :], 1)
             out += tl.load(topk_w_ptr + p) * acc
         tl.store(out_ptr + r * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < H)
 
@@ -363,11 +360,11 @@ def _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg):
             act, down, ids, weights, out, H, I, k, *down.stride(), out.stride(0),
             BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], EVEN_K=I % cfg["DOWN_K"] == 0, num_warps=cfg["num_warps"])
         return out
-    y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)  # weighted per-pair outputs
+    y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)  # weighted per-pair outputs
     _moe_gemv_down_kernel[(T * k, triton.cdiv(H, cfg["DOWN_N"]))](
         act, down, ids, weights, y, H, I, 1, *down.stride(), y.stride(0),
         BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], EVEN_K=I % cfg["DOWN_K"] == 0, num_warps=cfg["num_warps"])
-    return y.view(T, k, H).sum(1).to(x.dtype)
+    return y.view(T, k, H).sum(1)  # sums in fp32, rounds once
 
 
 def _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg):
