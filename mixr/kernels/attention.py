@@ -196,10 +196,11 @@ if HAS_TRITON:
 #   BLOCK_N tokens per tile; BLOCK_H most query heads per program;
 #   waves: split the context until there are about waves * (multiprocessors) programs, but
 #   MIN_SPLIT: never below this many tokens per split (each split loads q and writes a (heads, Dv) fp32 partial:
-#              for MLA that partial weighs as much as ~30 cached tokens, so splits must stay long);
+#              for MLA that partial weighs as much as ~30 cached tokens, so splits must stay long), except for a
+#              batch too small to fill 1/32 of the GPU: that one is latency-bound and splits down to single tiles;
 #   num_warps, num_stages.
 ATTN_CONFIGS = {
-    "mla": dict(BLOCK_N=32, BLOCK_H=16, waves=4, MIN_SPLIT=64, num_warps=4, num_stages=2),  # 1 kv head, 576 / 512
+    "mla": dict(BLOCK_N=32, BLOCK_H=16, waves=4, MIN_SPLIT=128, num_warps=4, num_stages=2),  # 1 kv head, 576 / 512
     "gqa": dict(BLOCK_N=64, BLOCK_H=16, waves=2, MIN_SPLIT=64, num_warps=4, num_stages=2),  # Dk = Dv <= 256
 }
 _SM_COUNT: dict[int, int] = {}
@@ -212,8 +213,11 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def split_plan(programs: int, max_ctx: int, block_n: int, target: int, min_split: int) -> tuple[int, int]:
+def split_plan(programs: int, max_ctx: int, block_n: int, target: int, min_split: int, sm_count: int
+               ) -> tuple[int, int]:
     """(num_splits, split_len): about `target` programs in all, from shapes and a host-side length bound only."""
+    if programs * 32 <= sm_count:
+        min_split = block_n
     tiles = max(1, triton.cdiv(max_ctx, block_n))
     want = triton.cdiv(target, programs)
     splits = max(1, min(want, tiles // max(1, min_split // block_n)))
@@ -255,7 +259,7 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
     block_h = min(cfg["BLOCK_H"], max(16, triton.next_power_of_2(group)))
     head_blocks = triton.cdiv(group, block_h)
     num_splits, split_len = split_plan(B * Hkv * head_blocks, max_ctx, block_n, cfg["waves"] * sm_count,
-                                       cfg["MIN_SPLIT"])
+                                       cfg["MIN_SPLIT"], sm_count)
     d1 = 1 << (Dk.bit_length() - 1)  # largest power of two <= Dk
     d2 = 0 if d1 == Dk else max(16, triton.next_power_of_2(Dk - d1))
     # MLA: V is the leading Dv columns of the very same rows as K, so the K tile already holds it.
