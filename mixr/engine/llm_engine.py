@@ -28,6 +28,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     cuda_graphs: bool = True
+    compile: bool = True  # torch.compile the decoder layers on a GPU (fuses elementwise ops)
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -154,7 +155,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or self.model.config.max_position_embeddings
         self.runner = ModelRunner(self.model, config.block_size, self.max_model_len, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.gpu_memory_utilization,
-                                  config.kv_cache_bytes, config.cuda_graphs)
+                                  config.kv_cache_bytes, config.cuda_graphs, config.compile)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=self.runner.num_blocks,
@@ -255,33 +256,38 @@ class LLMEngine:
 
     def _update_outputs(self, batch, tokens, lps) -> list[RequestOutput]:
         touched: dict[str, _Request] = {}
+        by_seq = self._by_seq
         for i, seq in enumerate(batch.seqs):
-            if tokens[i] is None or seq.seq_id not in self._by_seq:
-                continue
-            req, k = self._by_seq[seq.seq_id]
-            out, text = req.output.outputs[k], req.texts[k]
-            if not touched.get(req.id):
-                for o in req.output.outputs:  # deltas are per step
-                    o.delta_text, o.delta_token_ids = "", []
-                touched[req.id] = req
             token = tokens[i]
+            if token is None or (entry := by_seq.get(seq.seq_id)) is None:
+                continue
+            req, k = entry
+            out, text = req.output.outputs[k], req.texts[k]
+            if req.id not in touched:
+                if len(req.output.outputs) > 1:
+                    for o in req.output.outputs:  # deltas are per step
+                        o.delta_text, o.delta_token_ids = "", []
+                touched[req.id] = req
+                if req.output.metrics.first_token_time is None:
+                    req.output.metrics.first_token_time = seq.first_token_time
             out.token_ids.append(token)
-            out.delta_token_ids.append(token)
+            out.delta_token_ids = [token]
             if out.logprobs is not None:
                 out.logprobs.append(lps[i])
-            is_stop = seq.is_finished and seq.finish_reason == "stop"
-            text.add(token, is_stop)
-            if text.stopped and not seq.is_finished:
+            finished = seq.is_finished
+            text.add(token, finished and seq.finish_reason == "stop")
+            if text.stopped and not finished:
                 self.scheduler.finish(seq.seq_id, "stop")
-            if seq.is_finished:
+                finished = True
+            if finished:
                 out.finish_reason = seq.finish_reason
-            text.release(seq.is_finished)
+            text.release(finished)
         for req in touched.values():
-            m, seqs = req.output.metrics, req.seqs
-            m.first_token_time = min((s.first_token_time for s in seqs if s.first_token_time), default=None)
-            m.num_cached_tokens = max(s.num_cached_tokens for s in seqs)
-            m.num_generated_tokens = sum(s.num_generated for s in seqs)
+            seqs = req.seqs
             if all(s.is_finished for s in seqs):
+                m = req.output.metrics
+                m.num_cached_tokens = max(s.num_cached_tokens for s in seqs)
+                m.num_generated_tokens = sum(s.num_generated for s in seqs)
                 m.finish_time = max(s.finish_time for s in seqs)
                 req.output.finished = True
                 del self.requests[req.id]

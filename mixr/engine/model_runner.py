@@ -13,7 +13,7 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
-                 kv_cache_bytes: int | None = None, cuda_graphs: bool = True):
+                 kv_cache_bytes: int | None = None, cuda_graphs: bool = True, compile: bool = True):
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
@@ -34,6 +34,7 @@ class ModelRunner:
         self.cache = PagedCache(num_layers, self.num_blocks, block_size, shapes, self.dtype, self.device)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.compiled = compile and self.device.type == "cuda" and self._compile()
         if cuda_graphs and self.device.type == "cuda":
             self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs])
 
@@ -53,6 +54,31 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         return max(0, int(total * utilization) - peak - used_by_others)
+
+    def _compile(self) -> bool:
+        """torch.compile each decoder layer, so Inductor fuses the chains of small elementwise ops (norms, rope,
+        routing) that otherwise dominate small-batch decode even inside a CUDA graph. The Triton kernels stay
+        opaque calls. Falls back to eager, with a warning, if compilation fails on this setup."""
+        layers = self.model.model.layers
+        # one compiled graph per (dense|MoE, prefill|decode, batch 1|many): well past the default limit of 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for layer in layers:
+            layer.compile(dynamic=True)
+        try:
+            seq = Sequence(-1, [1, 2, 3], None)
+            seq.block_table = [0]  # block 0 is free now; whatever this writes is overwritten before it is read
+            with torch.inference_mode():
+                self.prefill([seq], [3])
+                seq.num_computed_tokens = 2
+                self.decode([seq])
+            torch.cuda.synchronize(self.device)
+            return True
+        except Exception as e:  # an Inductor or Dynamo failure must not stop the engine
+            import warnings
+            warnings.warn(f"torch.compile failed, running eager: {type(e).__name__}: {e}")
+            for layer in layers:
+                layer._compiled_call_impl = None
+            return False
 
     # -- inputs ------------------------------------------------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
@@ -81,15 +107,24 @@ class ModelRunner:
 
     def _decode_inputs(self, seqs: list[Sequence], batch: int):
         """Inputs padded to `batch` rows (a captured graph size); padding rows write to the scratch slot."""
-        pad = batch - len(seqs)
-        ids = [[s.last_token] for s in seqs] + [[0]] * pad
-        pos = [[s.num_tokens - 1] for s in seqs] + [[0]] * pad
-        slots = [self._slots(s, s.num_tokens - 1, s.num_tokens) for s in seqs] + [[self.cache.scratch_slot]] * pad
+        bs, pad, scratch = self.block_size, batch - len(seqs), self.cache.scratch_slot
         width = max(len(s.block_table) for s in seqs)  # columns past a row's context are never read
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * pad
-        lens = [s.num_tokens for s in seqs] + [1] * pad
-        return (self._tensor(ids), self._tensor(pos), self._tensor(slots), self._tensor(tables, torch.int32),
-                self._tensor(lens, torch.int32))
+        ids, pos, slots, tables, lens = [], [], [], [], []
+        for s in seqs:
+            n, table = s.num_tokens, s.block_table
+            ids.append(s.token_ids[-1])
+            pos.append(n - 1)
+            slots.append(table[(n - 1) // bs] * bs + (n - 1) % bs)
+            tables.append(table + [0] * (width - len(table)) if len(table) < width else table)
+            lens.append(n)
+        if pad:
+            ids += [0] * pad
+            pos += [0] * pad
+            slots += [scratch] * pad
+            tables += [[0] * width] * pad
+            lens += [1] * pad
+        return (self._tensor(ids)[:, None], self._tensor(pos)[:, None], self._tensor(slots)[:, None],
+                self._tensor(tables, torch.int32), self._tensor(lens, torch.int32))
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _decode_logits(self, ids, pos, meta: StepMeta) -> torch.Tensor:
