@@ -169,16 +169,15 @@ def bench_hf(path: Path, vocab: int, prompt_len: int, new: int, batches: list[in
     return out
 
 
-def bench_mixr(path: Path, vocab: int, prompt_len: int, new: int, offline_n: int, compile: bool
-               ) -> tuple[dict, list]:
+def bench_mixr(path: Path, vocab: int, prompt_len: int, new: int, offline_n: int) -> tuple[dict, list]:
     from mixr import LLM, SamplingParams
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     llm = LLM(path, device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=512,
-              max_num_batched_tokens=8192, compile=compile)
+              max_num_batched_tokens=8192)
     out = {"cold_start_seconds": time.perf_counter() - t, "kv_blocks": llm.engine.runner.num_blocks,
            "kv_bytes_per_token": llm.engine.runner.kv_bytes_per_token,
-           "graph_batch_sizes": sorted(llm.engine.runner.graphs), "compiled": llm.engine.runner.compiled,
+           "graph_batch_sizes": sorted(llm.engine.runner.graphs),
            "max_num_seqs": 512}
     greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     llm.generate(random_prompts(4, prompt_len, vocab, seed=99), SamplingParams(temperature=0, max_tokens=16))
@@ -239,7 +238,6 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--offline", type=int, default=1024)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     path = Path(args.dir)
@@ -250,11 +248,12 @@ def main() -> None:
     result["checkpoint"].pop("config")
     result["layers"] = args.layers or SHAPES[args.model]["num_hidden_layers"]
     vocab = SHAPES[args.model]["vocab_size"]
-    result["mixr"], agree = bench_mixr(path, vocab, args.prompt_len, args.new_tokens, args.offline,
-                                           compile=not args.no_compile)
+    result["mixr"], agree = bench_mixr(path, vocab, args.prompt_len, args.new_tokens, args.offline)
     m = result["mixr"]
     floor = m["active_weight_bytes_per_token"] / (result["ceilings"]["copy_bandwidth_GBps"] * 1e9)
     m["batch1_fraction_of_weight_read_roofline"] = m["batch1_decode_tok_per_s_per_seq"] * floor
+    if args.out:  # written now too, so a later stage that runs out of time loses nothing
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if not args.skip_hf:
         import transformers
         result["hf_transformers"] = {"version": transformers.__version__} | bench_hf(

@@ -28,7 +28,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     cuda_graphs: bool = True
-    compile: bool = True  # torch.compile the decoder layers on a GPU (fuses elementwise ops)
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -155,7 +154,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or self.model.config.max_position_embeddings
         self.runner = ModelRunner(self.model, config.block_size, self.max_model_len, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.gpu_memory_utilization,
-                                  config.kv_cache_bytes, config.cuda_graphs, config.compile)
+                                  config.kv_cache_bytes, config.cuda_graphs)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=self.runner.num_blocks,

@@ -13,7 +13,7 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
-                 kv_cache_bytes: int | None = None, cuda_graphs: bool = True, compile: bool = True):
+                 kv_cache_bytes: int | None = None, cuda_graphs: bool = True):
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
@@ -34,7 +34,6 @@ class ModelRunner:
         self.cache = PagedCache(num_layers, self.num_blocks, block_size, shapes, self.dtype, self.device)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.compiled = compile and self.device.type == "cuda" and self._compile()
         if cuda_graphs and self.device.type == "cuda":
             self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs])
 
@@ -54,31 +53,6 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         return max(0, int(total * utilization) - peak - used_by_others)
-
-    def _compile(self) -> bool:
-        """torch.compile each decoder layer, so Inductor fuses the chains of small elementwise ops (norms, rope,
-        routing) that otherwise dominate small-batch decode even inside a CUDA graph. The Triton kernels stay
-        opaque calls. Falls back to eager, with a warning, if compilation fails on this setup."""
-        layers = self.model.model.layers
-        # one compiled graph per (dense|MoE, prefill|decode, batch 1|many): well past the default limit of 8
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for layer in layers:
-            layer.compile(dynamic=True)
-        try:
-            seq = Sequence(-1, [1, 2, 3], None)
-            seq.block_table = [0]  # block 0 is free now; whatever this writes is overwritten before it is read
-            with torch.inference_mode():
-                self.prefill([seq], [3])
-                seq.num_computed_tokens = 2
-                self.decode([seq])
-            torch.cuda.synchronize(self.device)
-            return True
-        except Exception as e:  # an Inductor or Dynamo failure must not stop the engine
-            import warnings
-            warnings.warn(f"torch.compile failed, running eager: {type(e).__name__}: {e}")
-            for layer in layers:
-                layer._compiled_call_impl = None
-            return False
 
     # -- inputs ------------------------------------------------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:

@@ -13,8 +13,6 @@ import torch
 from mixr.kernels.attention import paged_decode_attention
 from mixr.layers.attention import causal_attention
 
-_paged_decode_attention = torch.compiler.disable(paged_decode_attention)  # opaque to torch.compile
-
 
 class PagedCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, entry_shapes: list[tuple[int, ...]],
@@ -82,5 +80,5 @@ class PagedLayer:
         self._store(new)
         k_cache = self.buffers[0]
         v_cache = k_cache[..., :v_dim] if v is None else self.buffers[1]
-        out = _paged_decode_attention(q[:, 0], k_cache, v_cache, self.meta.block_tables, self.meta.context_lens, scale)
+        out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.meta.block_tables, self.meta.context_lens, scale)
         return out[:, None]  # (B, 1, H, Dv)

@@ -72,10 +72,6 @@ class Router(nn.Module):
         return weights * o.routed_scaling_factor, ids, logits
 
 
-# torch.compile treats the Triton kernels as opaque calls (a graph break) rather than tracing their wrappers.
-_fused_moe = torch.compiler.disable(fused_moe)
-
-
 class Experts(nn.Module):
     """E SwiGLU experts stacked for grouped kernels: gate_up_proj (E, 2I, H) = [gate; up], down_proj (E, H, I)."""
 
@@ -89,7 +85,7 @@ class Experts(nn.Module):
         gradients takes the plain-PyTorch path."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
                                                   or self.gate_up_proj.requires_grad)
-        moe = fused_moe_ref if needs_grad else _fused_moe
+        moe = fused_moe_ref if needs_grad else fused_moe
         return moe(x, self.gate_up_proj, self.down_proj, ids, weights)
 
 
