@@ -59,12 +59,8 @@ class LlamaConfig:
             kw["moe_intermediate_size"] = hf["intermediate_size"]  # their experts are the only FFN
         if kind == "mixtral":
             kw["norm_topk_prob"] = True
-        if kind == "qwen2":
-            kw["qkv_bias"] = True
-        if kind == "qwen2_moe":
-            kw.setdefault("qkv_bias", True)
-        elif kind != "qwen2":
-            kw["qkv_bias"] = kw.get("attention_bias", False)
+        # Q/K/V biases: always on in Qwen2, `qkv_bias` (default on) in Qwen2-MoE, `attention_bias` elsewhere.
+        kw["qkv_bias"] = {"qwen2": True, "qwen2_moe": hf.get("qkv_bias", True)}.get(kind, kw.get("attention_bias", False))
         return cls(**kw)
 
     def __post_init__(self):
