@@ -11,6 +11,11 @@ from collections import OrderedDict
 from mixr.engine.sequence import Sequence
 
 
+def slot_mapping(block_table: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """Cache slots of token positions [start, end): block_id * block_size + offset."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 def hash_block(prev: bytes, token_ids: list[int]) -> bytes:
     """Content hash of one full block, chained on the previous block's hash so it names the whole prefix."""
     # 128-bit blake2b: a collision (two prefixes sharing KV) is far less likely than a hardware error.
@@ -182,7 +187,7 @@ class BlockManager:
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache slots of token positions [start, end): block_id * block_size + offset."""
-        bs, table = self.block_size, seq.block_table
-        if not 0 <= start <= end <= len(table) * bs:
-            raise ValueError(f"positions [{start}, {end}) outside the {len(table)} blocks of sequence {seq.seq_id}")
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        if not 0 <= start <= end <= len(seq.block_table) * self.block_size:
+            raise ValueError(f"positions [{start}, {end}) outside the {len(seq.block_table)} blocks of sequence "
+                             f"{seq.seq_id}")
+        return slot_mapping(seq.block_table, self.block_size, start, end)

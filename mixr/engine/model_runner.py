@@ -2,6 +2,7 @@
 
 import torch
 
+from mixr.engine.block_manager import slot_mapping
 from mixr.engine.paged_cache import PagedCache, PagedStep, StepMeta
 from mixr.engine.sequence import Sequence
 from mixr.models.base import CausalLM
@@ -55,10 +56,6 @@ class ModelRunner:
         return max(0, int(total * utilization) - peak - used_by_others)
 
     # -- inputs ------------------------------------------------------------------------------------------------
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[t // bs] * bs + t % bs for t in range(start, end)]
-
     def _tensor(self, rows, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(rows, dtype=dtype).to(self.device, non_blocking=True)
 
@@ -72,8 +69,8 @@ class ModelRunner:
             pad = L - n
             ids.append(s.token_ids[start:start + n] + [0] * pad)
             pos.append(list(range(start, start + L)))
-            slots.append(self._slots(s, start, start + n) + [scratch] * pad)
-            ctx = self._slots(s, 0, start + n)
+            slots.append(slot_mapping(s.block_table, self.block_size, start, start + n) + [scratch] * pad)
+            ctx = slot_mapping(s.block_table, self.block_size, 0, start + n)
             gather.append(ctx + [scratch] * (S - len(ctx)))
         meta = StepMeta(decode=False, slots=self._tensor(slots), gather=self._tensor(gather))
         last = self._tensor([n - 1 for n in counts])
