@@ -19,12 +19,13 @@ from mixr.reference import reference_generate
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--families", default="deepseek_v3_noaux_tc,deepseek_v2_greedy,qwen3_moe,mixtral")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 37, 12, 80, 3, 21, 64, 9)]
     result = {"device": torch.cuda.get_device_name(), "families": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("deepseek_v3_noaux_tc", "deepseek_v2_greedy", "qwen3_moe", "mixtral"):
+        for name in args.families.split(","):
             path = make_hf_checkpoint(Path(tmp) / name, *FAMILIES[name])
             for dtype in ("float32", "bfloat16"):
                 llm = LLM(path, device="cuda", dtype=dtype, block_size=16, max_num_seqs=8)
@@ -36,6 +37,13 @@ def main() -> None:
                 result["families"][f"{name}/{dtype}"] = {
                     "token_agreement": same / sum(map(len, ref)), "identical_sequences": sum(r == o for r, o in zip(ref, got)),
                     "sequences": len(ref), "first_divergence": prefix, "graphs": len(llm.engine.runner.graphs)}
+                if name.startswith("deepseek"):
+                    # the same comparison inside the reference path alone: absorbed vs expanded MLA decode
+                    absorbed = reference_generate(llm.model, prompts, 32, absorbed_decode=True)
+                    result["families"][f"{name}/{dtype}"]["reference_absorbed_vs_expanded_agreement"] = sum(
+                        a == b for r, o in zip(ref, absorbed) for a, b in zip(r, o)) / sum(map(len, ref))
+                    result["families"][f"{name}/{dtype}"]["engine_vs_reference_absorbed_agreement"] = sum(
+                        a == b for r, o in zip(absorbed, got) for a, b in zip(r, o)) / sum(map(len, ref))
                 print(name, dtype, result["families"][f"{name}/{dtype}"], flush=True)
                 del llm
                 torch.cuda.empty_cache()

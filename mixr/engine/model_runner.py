@@ -35,8 +35,14 @@ class ModelRunner:
         self.cache = PagedCache(num_layers, self.num_blocks, block_size, shapes, self.dtype, self.device)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if cuda_graphs and self.device.type == "cuda":
-            self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs])
+        # Graphs need a forward with no host sync: the Triton kernels, which run for bf16/fp16 only.
+        if cuda_graphs and self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+            try:
+                self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs])
+            except RuntimeError as e:  # e.g. no Triton: the reference kernels sync the host
+                import warnings
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}")
+                self.graphs.clear()
 
     # -- memory ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
