@@ -76,6 +76,24 @@ def cmd_chat(args) -> None:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_watermark_detect(args) -> None:
+    import contextlib
+    import dataclasses
+    import json
+    import os
+
+    from mixr.safety.watermark import detect
+    from mixr.tiny import default_model_dir
+    from mixr.tokenizer import Tokenizer
+    src = args.text  # os.path.isfile, unlike Path.is_file, is False (no error) for a text too long for a path
+    text = sys.stdin.read() if src == "-" else open(src, encoding="utf-8").read() if os.path.isfile(src) else src
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON only
+        tokenizer = Tokenizer.from_dir(args.tokenizer or default_model_dir())
+    d = detect(text, tokenizer, args.key, gamma=args.gamma, context_width=args.context_width,
+               hashing=args.hashing, threshold=args.threshold)
+    print(json.dumps(dataclasses.asdict(d)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mixr", description="Run DeepSeek-style MoE models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--system", default=None, help="system prompt")
     _sampling_args(c, temperature=0.6)
     c.set_defaults(func=cmd_chat)
+    w = sub.add_parser("watermark", help="text watermark tools").add_subparsers(dest="action", required=True)
+    d = w.add_parser("detect", help="score a text for the green-list watermark; prints JSON")
+    d.add_argument("text", metavar="TEXT_OR_FILE", help="the text, a file holding it, or - for stdin")
+    d.add_argument("--key", required=True)
+    d.add_argument("--model-dir", "--tokenizer", dest="tokenizer", default=None,
+                   help="directory with tokenizer.json (default: the built-in model's)")
+    d.add_argument("--gamma", type=float, default=0.25)
+    d.add_argument("--threshold", type=float, default=4.0, help="z-score above which the verdict is watermarked")
+    d.add_argument("--context-width", type=int, default=1)
+    d.add_argument("--hashing", default="lefthash", choices=["lefthash", "minhash", "selfhash"])
+    d.set_defaults(func=cmd_watermark_detect)
     args = parser.parse_args(argv)
     if args.command == "generate" and len(args.args) > 2:
         parser.error("generate takes [MODEL_DIR] PROMPT; quote the prompt")

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mixr.safety.watermark import WatermarkConfig, apply_watermark
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -25,10 +27,13 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # number of top alternatives to return with each sampled token's logprob
+    watermark: WatermarkConfig | None = None  # green-list watermark (mixr.safety.watermark); a dict is converted
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.watermark, dict):
+            self.watermark = WatermarkConfig(**self.watermark)
         checks = [(self.n >= 1, "n must be >= 1"),
                   (self.temperature >= 0, "temperature must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -38,7 +43,9 @@ class SamplingParams:
                   (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
                   (self.max_tokens >= 1, "max_tokens must be >= 1"),
                   (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in 0..20"),
-                  (all(self.stop), "stop strings must be non-empty")]
+                  (all(self.stop), "stop strings must be non-empty"),
+                  (self.watermark is None or isinstance(self.watermark, WatermarkConfig),
+                   "watermark must be a WatermarkConfig")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"{msg}, got {self}")
@@ -103,12 +110,25 @@ class Sampled:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen logprob, top alternatives) per row
 
 
+def _watermark_context(r: SampleRequest) -> list[int]:
+    # the previous h tokens: the prompt's last ones for the first generated tokens
+    h, out = r.params.watermark.context_width, r.output_token_ids
+    return out[-h:] if len(out) >= h else (r.prompt_token_ids + out)[-h:]
+
+
 def sample_batch(logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
     """One token per row of logits (B, vocab). Greedy rows take the argmax; the others draw with the
     exponential race argmax(p / E), E ~ Exp(1), using each seeded request's own generator, so a seeded
     request's tokens do not depend on the batch. One host sync for the whole batch."""
-    logits = logits.float()
+    logits = raw = logits.float()
     B, V = logits.shape
+    marked = [i for i, r in enumerate(reqs) if r.params.watermark is not None]
+    if marked:
+        # The bias steers the choice only: returned logprobs stay the model's own (raw), which is what the
+        # audit and perplexity want. Added before penalties and temperature, as HF's WatermarkLogitsProcessor.
+        logits = logits.clone()
+        apply_watermark(logits, marked, [reqs[i].params.watermark for i in marked],
+                        [_watermark_context(reqs[i]) for i in marked])
     choice = logits.argmax(-1)
     special = [i for i, r in enumerate(reqs) if not r.params.greedy or r.params.penalized]
     for i in special:
@@ -123,7 +143,7 @@ def sample_batch(logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
     want_lp = [r.params.logprobs is not None for r in reqs]
     if not any(want_lp):
         return Sampled(choice.tolist(), [None] * B)
-    lp = logits.log_softmax(-1)
+    lp = raw.log_softmax(-1)
     k = max(r.params.logprobs or 0 for r in reqs)
     top = lp.topk(max(k, 1), dim=-1)
     chosen = lp.gather(1, choice[:, None])[:, 0]

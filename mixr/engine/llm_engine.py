@@ -244,7 +244,8 @@ class LLMEngine:
         if keep:
             seqs = [batch.seqs[i] for i in sampled_rows]
             reqs = [SampleRequest(s.params, self._generators[s.seq_id], s.prompt_token_ids,
-                                  s.token_ids[s.num_prompt_tokens:] if s.params.penalized else []) for s in seqs]
+                                  s.token_ids[s.num_prompt_tokens:] if s.params.penalized or s.params.watermark else [])
+                    for s in seqs]
             sampled = self.runner.sample(logits[keep] if len(keep) < len(rows) else logits, reqs)
         tokens: list[int | None] = [None] * len(batch.seqs)
         lps: list = [None] * len(batch.seqs)
