@@ -1,0 +1,1 @@
+"""Training on the inference model code: the reasoning task suite, loss functions, pretraining/SFT."""
