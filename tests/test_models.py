@@ -82,3 +82,16 @@ def test_forward_supports_autograd(checkpoint):
     for p in (moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj, moe.shared_experts.up_proj.weight,
               model.model.layers[0].self_attn.kv_b_proj.weight, model.model.embed_tokens.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_routing_stays_float32_under_autocast(checkpoint):
+    """Training runs under bf16 autocast; the router must still score and pick experts in float32."""
+    model = load_model(checkpoint("deepseek_v3_noaux_tc"), dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    router = model.model.layers[1].mlp.gate
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights, _, logits = router(x)
+        out = model(ids)  # used to fail: bf16 routing weights reached the experts
+    assert weights.dtype == logits.dtype == torch.float32
+    assert torch.isfinite(out).all()

@@ -51,7 +51,9 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, H) -> weights (T, k) float32, expert ids (T, k), router logits (T, E) float32."""
         o = self.opts
-        logits = F.linear(x.float(), self.weight.float())
+        # Routing decides which experts run: keep it in float32 even under autocast, which would run this in bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(-1) if o.scoring_func == "softmax" else logits.sigmoid()
         choice = scores + self.e_score_correction_bias if o.correction_bias else scores
         if o.topk_method != "greedy" and o.n_group > 1:

@@ -112,35 +112,16 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int
 class RouterTap:
     """Forward hooks on every Router of a model. After each forward, `last[router]` holds its
     (logits (T, E) float32, differentiable; expert ids (T, K)), T = B * L in the order of the flattened batch.
-
-    The hooks also run the routers with autocast off: under bf16 autocast the router's linear would come out in
-    bf16 (its explicit .float() casts do not survive autocast), and both DeepSeek's fp32 gating and the expert
-    kernels' float32 routing weights need float32.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.routers = [m for m in model.modules() if isinstance(m, Router)]
         self.last: dict[Router, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._autocast: list = []
-        self._handles = []
-        for r in self.routers:
-            self._handles.append(r.register_forward_pre_hook(self._before))
-            self._handles.append(r.register_forward_hook(self._after, always_call=True))
-
-    def _before(self, module, args):
-        device_type = args[0].device.type
-        ctx = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else None
-        if ctx is not None:
-            ctx.__enter__()
-        self._autocast.append(ctx)
+        self._handles = [r.register_forward_hook(self._after) for r in self.routers]
 
     def _after(self, module, args, output):
-        ctx = self._autocast.pop()
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-        if output is not None:
-            _, ids, logits = output
-            self.last[module] = (logits, ids)
+        _, ids, logits = output
+        self.last[module] = (logits, ids)
 
     def remove(self) -> None:
         for h in self._handles:
