@@ -1,4 +1,4 @@
-"""The `mixr` command line: generate and chat."""
+"""The `mixr` command line: generate, chat and serve."""
 
 import argparse
 import sys
@@ -94,6 +94,26 @@ def cmd_watermark_detect(args) -> None:
     print(json.dumps(dataclasses.asdict(d)))
 
 
+def cmd_serve(args) -> None:
+    import os
+    from pathlib import Path
+
+    from mixr.engine.async_engine import AsyncLLM
+    from mixr.engine.llm_engine import EngineConfig, LLMEngine
+    from mixr.serve import serve
+    from mixr.tiny import default_model_dir
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          gpu_memory_utilization=args.gpu_memory_utilization)
+    engine = LLMEngine(model_dir, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                       config=config)
+    name = args.served_model_name or model_dir.resolve().name
+    serve(AsyncLLM(engine), name, host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("MIXR_API_KEY") or None, max_queue=args.max_queue,
+          shutdown_timeout=args.shutdown_timeout)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mixr", description="Run DeepSeek-style MoE models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +126,23 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--system", default=None, help="system prompt")
     _sampling_args(c, temperature=0.6)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser("serve", help="serve the OpenAI API (/v1/chat/completions, /v1/completions) over HTTP")
+    s.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $MIXR_API_KEY)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="requests held at once (waiting + running); past it new ones get 429")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: the directory's)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    s.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16, float32")
+    s.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
+    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM before they are aborted")
+    s.set_defaults(func=cmd_serve)
     w = sub.add_parser("watermark", help="text watermark tools").add_subparsers(dest="action", required=True)
     d = w.add_parser("detect", help="score a text for the green-list watermark; prints JSON")
     d.add_argument("text", metavar="TEXT_OR_FILE", help="the text, a file holding it, or - for stdin")
