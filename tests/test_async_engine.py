@@ -62,3 +62,21 @@ def test_bad_request_raises_at_once(engine):
 
     with pytest.raises(ValueError, match="the model's context is 256 tokens"):
         asyncio.run(main())
+
+
+def test_a_slow_reader_still_sees_every_delta(engine):
+    aengine = AsyncLLM(engine)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    async def main():
+        text, tokens, last = "", [], None
+        async for out in aengine.generate([7, 8, 9, 10], params):
+            await asyncio.sleep(0.02)  # the engine runs ahead meanwhile
+            text += out.outputs[0].delta_text
+            tokens += out.outputs[0].delta_token_ids
+            last = out
+        return text, tokens, last
+
+    text, tokens, last = asyncio.run(main())
+    assert tokens == last.token_ids and len(tokens) == 24
+    assert text == last.text

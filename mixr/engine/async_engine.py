@@ -5,12 +5,20 @@ incremental outputs. Closing the generator early (a client disconnect) aborts th
 """
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 from collections.abc import AsyncIterator
 
 from mixr.engine.llm_engine import LLMEngine, RequestOutput
 from mixr.sampling import SamplingParams
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """This step's view of a request: the engine rewrites the delta fields next step, while the reader may lag.
+    token_ids / logprobs stay the live lists (copying them every step would cost O(n^2))."""
+    return dataclasses.replace(out, outputs=[dataclasses.replace(o) for o in out.outputs],
+                               metrics=dataclasses.replace(out.metrics))
 
 
 class AsyncLLM:
@@ -42,7 +50,7 @@ class AsyncLLM:
                     self._work.clear()
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out)
+                self._deliver(out.request_id, _snapshot(out))
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._queues.get(request_id)
