@@ -114,6 +114,15 @@ def cmd_serve(args) -> None:
           shutdown_timeout=args.shutdown_timeout)
 
 
+def cmd_train(args) -> None:
+    from mixr.train.config import load_config
+    from mixr.train.sft import train
+    overrides = {"mode": args.mode}
+    if args.resume_from:
+        overrides["resume_from"] = args.resume_from
+    train(load_config(args.config, **overrides))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mixr", description="Run DeepSeek-style MoE models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--context-width", type=int, default=1)
     d.add_argument("--hashing", default="lefthash", choices=["lefthash", "minhash", "selfhash"])
     d.set_defaults(func=cmd_watermark_detect)
+    t = sub.add_parser("train", help="train a model (pretrain or SFT) from a YAML or TOML config")
+    t.add_argument("mode", choices=["pretrain", "sft"], help="pretrain: loss on every token; sft: on completions")
+    t.add_argument("--config", required=True, help="a .yaml/.yml/.toml file of mixr.train.config.TrainConfig keys")
+    t.add_argument("--resume-from", default=None, help="a checkpoint-<step>/ directory of an earlier run")
+    t.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     if args.command == "generate" and len(args.args) > 2:
         parser.error("generate takes [MODEL_DIR] PROMPT; quote the prompt")

@@ -504,3 +504,21 @@ def test_config_files(tmp_path):
         TrainConfig(data="d")
     with pytest.raises(ValueError, match="mode"):
         TrainConfig(model="m", data="d", mode="rlhf")
+
+
+def test_cli_train_sft_from_toml(tok_dir, data_file, tmp_path):
+    import tomllib  # noqa: F401  (the file below must parse as TOML)
+
+    from mixr.cli import main
+    out = tmp_path / "run"
+    mc = tiny_hf()
+    lines = [f'out_dir = "{out}"', f'tokenizer = "{tok_dir}"', f'data = "{data_file}"', "steps = 2", "batch_size = 4",
+             "warmup_steps = 1", "save_every = 1", "progress = false", "[model_config]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in mc.items() if v is not None and not isinstance(v, dict)]
+    cfg = tmp_path / "sft.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    main(["train", "sft", "--config", str(cfg)])
+    assert [r["step"] for r in log_of(out)][-1] == 2
+    assert (out / "checkpoint-000002" / "config.json").is_file()
+    with pytest.raises(SystemExit):  # a config error is one line on stderr and exit 2
+        main(["train", "sft", "--config", str(tmp_path / "missing.toml")])
