@@ -38,7 +38,8 @@ def llm(tiny):
 # -- input filter ------------------------------------------------------------------------------------------------
 
 FILTER = dict(keywords={"weapons": ["nerve agent", "pipe bomb"], "self-harm": ["suicide"]},
-              patterns={"pii": [r"\b\d{3}-\d{2}-\d{4}\b"], "secrets": [{"regex": r"sk-[A-Za-z0-9]{16,}", "max_len": 60}]},
+              patterns={"pii": [r"\b\d{3}-\d{2}-\d{4}\b"],
+                        "secrets": [{"regex": r"sk-[A-Za-z0-9]{16,}", "max_len": 60}]},
               max_prompt_chars=200)
 
 
@@ -61,7 +62,8 @@ def test_input_filter_decisions_per_category_regex_length():
     assert (d.category, d.rule) == ("pii", r"regex:\b\d{3}-\d{2}-\d{4}\b")
     assert check_input("call 123-45-67890", cfg, t).allowed  # \b: not a SSN
     assert check_input("key sk-" + "a" * 20, cfg, t).category == "secrets"
-    assert (check_input("x" * 201, cfg, t).category, check_input("x" * 201, cfg, t).rule) == ("length", "max_prompt_chars")
+    d = check_input("x" * 201, cfg, t)
+    assert (d.category, d.rule) == ("length", "max_prompt_chars")
     assert check_input("x" * 200, cfg, t).allowed
     assert check_input("a " * 21, cfg, t).rule == "max_prompt_tokens"
     assert check_input("a " * 20, cfg, t).allowed
@@ -69,7 +71,8 @@ def test_input_filter_decisions_per_category_regex_length():
         check_input("hi", cfg)
     # chat messages, with string and list-of-parts content; every role is checked
     msgs = [{"role": "system", "content": "be nice"},
-            {"role": "user", "content": [{"type": "text", "text": "what is a"}, {"type": "text", "text": "nerve agent"}]}]
+            {"role": "user", "content": [{"type": "text", "text": "what is a"},
+                                         {"type": "text", "text": "nerve agent"}]}]
     assert check_input(msgs, cfg, t).rule == "keyword:nerve agent"
     assert check_input([{"role": "user", "content": "hello"}, {"role": "assistant", "content": None}], cfg, t).allowed
 
@@ -216,9 +219,13 @@ def test_token_entropy_from_top_alternatives():
     L = math.log
     full = (L(0.5), [(1, L(0.5)), (2, L(0.25)), (3, L(0.25))])  # the whole distribution: exact
     assert token_entropy(1, full) == pytest.approx(-(0.5 * L(0.5) + 2 * 0.25 * L(0.25)))
-    # top-2 of a larger distribution: the remainder 0.2 counts as one outcome (a lower bound)
+    # top-2 of a larger distribution: the remainder 0.2 is made of tokens no likelier than min(0.3, 0.2)
     part = (L(0.5), [(1, L(0.5)), (2, L(0.3))])
     assert token_entropy(1, part) == pytest.approx(-(0.5 * L(0.5) + 0.3 * L(0.3) + 0.2 * L(0.2)))
+    # ... or than the last listed token: exact for a uniform distribution (top-5 of 100 tokens)
+    assert token_entropy(0, (L(0.01), [(t, L(0.01)) for t in range(5)])) == pytest.approx(L(100))
+    assert token_entropy(0, (L(0.04), [(0, L(0.04)), (1, L(0.01))])) == pytest.approx(
+        -(0.04 * L(0.04) + 0.01 * L(0.01) + 0.95 * L(0.01)))
     # the chosen token outside the top alternatives is known too
     out = (L(0.1), [(1, L(0.6)), (2, L(0.2))])
     assert token_entropy(9, out) == pytest.approx(-(0.6 * L(0.6) + 0.2 * L(0.2) + 0.1 * L(0.1) + 0.1 * L(0.1)))
@@ -239,7 +246,7 @@ def test_audit_stats_and_low_probability_spans(tok):
     cfg = AuditConfig(prob_threshold=0.1, max_spans=2, max_mean_entropy=10, max_low_prob_fraction=0.5)
     s = audit_response(lps, ids, tok, cfg=cfg)
     assert s.num_tokens == n
-    ents = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in probs]  # one listed token + the rest
+    ents = [-(p * math.log(p) + (1 - p) * math.log(min(p, 1 - p))) for p in probs]  # one listed token + the rest
     assert s.mean_entropy == pytest.approx(sum(ents) / n) and s.max_entropy == pytest.approx(max(ents))
     assert s.mean_logprob == pytest.approx(sum(math.log(p) for p in probs) / n)
     assert s.low_prob_fraction == pytest.approx(4 / n)

@@ -4,9 +4,10 @@ The engine returns, per generated token, (chosen logprob, [(token_id, logprob), 
 the model's own distribution (before temperature, penalties or watermark bias).
 
 Entropy is estimated from the top-k alternatives: the k listed probabilities (plus the chosen token's when it
-is not among them) are exact, and the unlisted remainder r = 1 - sum(p) is counted as one outcome:
-H ~= -sum p log p - r log r. This is a lower bound on the true entropy (splitting r over more tokens can only
-raise it) and is exact when r is 0; it is tighter the larger k (logprobs=20 is the most the engine gives).
+is not among them) are exact; the unlisted remainder r = 1 - sum(p) is spread over tokens each no likelier than
+m = min(smallest listed p, r), so it adds at least r log(1/m):  H >= -sum p log p + r log(1/m).
+We report this lower bound. It is exact when r is 0 and when the tail is flat at the level of the last listed
+token (a uniform distribution gives log V exactly); it is tighter the larger k (the engine gives up to 20).
 """
 
 import json
@@ -76,7 +77,8 @@ def token_entropy(chosen_id: int | None, step: TokenLogprob) -> float:
     if not listed:
         probs[-1 if chosen_id is None else chosen_id] = math.exp(chosen_lp)
     rest = max(0.0, 1.0 - sum(probs.values()))
-    return -sum(p * math.log(p) for p in [*probs.values(), rest] if p > 0)
+    h = -sum(p * math.log(p) for p in probs.values() if p > 0)
+    return h - rest * math.log(min([rest, *(p for p in probs.values() if p > 0)])) if rest > 0 else h
 
 
 def _char_offsets(token_ids: list[int], tokenizer) -> tuple[list[int], str]:
@@ -133,8 +135,9 @@ def audit_response(logprobs: list[TokenLogprob], token_ids: list[int] | None = N
 
 # Field names whose values are never logged, and values that look like credentials wherever they appear.
 _SECRET_KEY = re.compile(r"api[_-]?key|authorization|secret|passw|cookie|credential|bearer|(^|[_-])(key|token)$",
-                         re.I)
-_SECRET_VALUE = re.compile(r"\b(?:sk|pk|rk|hf|ghp|xox[bp])[-_][A-Za-z0-9_\-]{8,}|\bBearer\s+\S+", re.I)
+                         re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\b(?:sk|pk|rk|hf|ghp|xox[bp])[-_][A-Za-z0-9_\-]{8,}|\bBearer\s+\S+",
+                           re.IGNORECASE)
 REDACTED = "[redacted]"
 
 

@@ -61,7 +61,8 @@ class FilterConfig:
                 if not w.strip():
                     raise ValueError(f"empty keyword in category {cat!r}")
                 # whole word: not preceded or followed by a word character
-                self.rules.append(Rule(cat, f"keyword:{w}", re.compile(rf"(?<!\w){re.escape(w)}(?!\w)", re.I), len(w)))
+                rx = re.compile(rf"(?<!\w){re.escape(w)}(?!\w)", re.IGNORECASE)
+                self.rules.append(Rule(cat, f"keyword:{w}", rx, len(w)))
         for cat, pats in self.patterns.items():
             for p in pats:
                 src, max_len = (p["regex"], p.get("max_len", self.max_match_chars)) if isinstance(p, dict) \
