@@ -46,9 +46,15 @@ class LayerCache:
         return (*(buf[:, :n] for buf in self.buffers), self.cache.slots[:, :n])
 
     def attention(self, q, positions, scale, k, v=None, v_dim=None):
-        if v is None:
-            k, k_pos = self.update(positions, k)
-            v = k[..., :v_dim]
-        else:
-            k, v, k_pos = self.update(positions, k, v)
-        return causal_attention(q, k, v, positions, k_pos, scale)
+        return attend_cached(self, q, positions, scale, k, v, v_dim)
+
+
+def attend_cached(view, q, positions, scale, k, v=None, v_dim=None):
+    """Store k (and v) through view.update, then attend over everything it returns; when v is None, V is the
+    first v_dim channels of the cached K rows (MLA)."""
+    if v is None:
+        k, k_pos = view.update(positions, k)
+        v = k[..., :v_dim]
+    else:
+        k, v, k_pos = view.update(positions, k, v)
+    return causal_attention(q, k, v, positions, k_pos, scale)

@@ -13,6 +13,7 @@ import torch
 from mixr.checkpoint import save_model
 from mixr.models import config_from_hf
 from mixr.tiny_tokenizer import build_tokenizer
+from mixr.tokenizer import Tokenizer
 
 
 def tiny_deepseek_config(vocab_size: int, bos_token_id: int, eos_token_id: int) -> dict:
@@ -34,10 +35,9 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
-    from tokenizers import Tokenizer as _Tok  # the trained tokenizer tells us vocab size and special ids
-    tok = _Tok.from_file(str(out / "tokenizer.json"))
-    bos, eos = tok.token_to_id("<｜begin▁of▁sentence｜>"), tok.token_to_id("<｜end▁of▁sentence｜>")
-    hf = tiny_deepseek_config(tok.get_vocab_size(), bos, eos)
+    tok = Tokenizer.from_dir(out)  # the trained tokenizer tells us vocab size and special ids
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    hf = tiny_deepseek_config(tok.vocab_size, bos, eos)
     config = config_from_hf(hf)
     model = config.build()
     model.init_weights(std=0.1, generator=torch.Generator().manual_seed(seed))

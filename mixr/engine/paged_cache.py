@@ -11,13 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from mixr.kernels.attention import paged_decode_attention
-from mixr.layers.attention import causal_attention
+from mixr.kv_cache import attend_cached
 
 
 class PagedCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, entry_shapes: list[tuple[int, ...]],
                  dtype: torch.dtype, device: torch.device):
-        self.num_blocks, self.block_size = num_blocks, block_size
         self.layers = [[torch.zeros(num_blocks + 1, block_size, *s, dtype=dtype, device=device) for s in entry_shapes]
                        for _ in range(num_layers)]
         self.scratch_slot = num_blocks * block_size
@@ -71,13 +70,9 @@ class PagedLayer:
         return (*out, k_pos)
 
     def attention(self, q, positions, scale, k, v=None, v_dim=None):
-        new = (k,) if v is None else (k, v)
         if not self.decode:
-            *kv, k_pos = self.update(positions, *new)
-            k_all = kv[0]
-            v_all = k_all[..., :v_dim] if v is None else kv[1]
-            return causal_attention(q, k_all, v_all, positions, k_pos, scale)
-        self._store(new)
+            return attend_cached(self, q, positions, scale, k, v, v_dim)
+        self._store((k,) if v is None else (k, v))
         k_cache = self.buffers[0]
         v_cache = k_cache[..., :v_dim] if v is None else self.buffers[1]
         out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.meta.block_tables, self.meta.context_lens, scale)
