@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixr.layers.norm import RMSNorm
-from mixr.layers.rotary import apply_rope
+from mixr.layers.rotary import apply_rope_qk
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -58,7 +58,7 @@ class Attention(nn.Module):
         v = v.view(B, L, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope_qk(q, k, *rope)
         scale = self.head_dim ** -0.5
         if cache is None:
             out = causal_attention(q, k, v, positions, positions, scale)  # (B, L, H, D)

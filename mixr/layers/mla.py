@@ -13,7 +13,7 @@ from torch import nn
 
 from mixr.layers.attention import causal_attention
 from mixr.layers.norm import RMSNorm
-from mixr.layers.rotary import apply_rope
+from mixr.layers.rotary import apply_rope_qk
 
 
 class MLAttention(nn.Module):
@@ -42,18 +42,16 @@ class MLAttention(nn.Module):
         B, L, _ = x.shape
         H, R, dn, dr, dv = self.num_heads, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_pe = q.view(B, L, H, dn + dr).split([dn, dr], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([R, dr], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # (B, L, R)
-        q_pe = apply_rope(q_pe, *rope, interleaved=self.rope_interleaved)
-        k_pe = apply_rope(k_pe[:, :, None, :], *rope, interleaved=self.rope_interleaved)  # (B, L, 1, dr)
-        row = torch.cat((latent[:, :, None, :], k_pe), dim=-1)  # (B, L, 1, R + dr): what the cache holds
+        q = q.view(B, L, H, dn + dr)
+        kv = self.kv_a_proj_with_mqa(x)  # (B, L, R + dr): [latent | rope key]
         w_kv = self.kv_b_proj.weight.view(H, dn + dv, R)
         if cache is not None and cache.decode:
-            q_lat = torch.einsum("blhd,hdr->blhr", q_nope, w_kv[:, :dn])  # absorb W_UK into the query
-            out = cache.attention(torch.cat((q_lat, q_pe), dim=-1), positions, self.softmax_scale, row, v_dim=R)
-            out = torch.einsum("blhr,hvr->blhv", out, w_kv[:, dn:])  # absorb W_UV into the output
-            return self.o_proj(out.reshape(B, L, H * dv))
+            return self._absorbed(q, kv, w_kv, positions, rope, cache)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
+        latent, k_pe = kv.split([R, dr], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # (B, L, R)
+        q_pe, k_pe = apply_rope_qk(q_pe, k_pe[:, :, None, :], *rope, interleaved=self.rope_interleaved)
+        row = torch.cat((latent[:, :, None, :], k_pe), dim=-1)  # (B, L, 1, R + dr): what the cache holds
         k_pos = positions
         if cache is not None:
             row, k_pos = cache.update(positions, row)
@@ -64,3 +62,34 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         out = causal_attention(q, k, v, positions, k_pos, self.softmax_scale)  # (B, L, H, dv)
         return self.o_proj(out.reshape(B, L, H * dv))
+
+    def _absorbed(self, q: torch.Tensor, kv: torch.Tensor, w_kv: torch.Tensor, positions: torch.Tensor,
+                  rope: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
+        """Decode: W_UK folded into the query, W_UV into the output, attention over the cached rows as MQA.
+
+        Inference only (it writes into preallocated buffers, which autograd cannot follow). The query
+        [q_nope W_UK | rotated q_pe] and the cache row [normed latent | rotated k_pe] are assembled in place: the
+        latent norm with the q and k rotations (one kernel) and the absorption GEMM each write their slices, so
+        no cat or contiguous copy runs between them: decode at batch 1 is a chain of small kernels, each of which
+        costs a few microseconds whatever it does.
+        """
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, kv, w_kv)):
+            raise RuntimeError("MLA's absorbed decode is inference-only: run it under torch.no_grad or "
+                               "torch.inference_mode")
+        B, L = q.shape[:2]
+        H, R, dn, dr, dv = self.num_heads, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        q_full = q.new_empty(B, L, H, R + dr)
+        row = kv.new_empty(B, L, 1, R + dr)
+        norm = self.kv_a_layernorm
+        apply_rope_qk(q[..., dn:], kv[:, :, None, R:], *rope, interleaved=self.rope_interleaved,
+                      q_out=q_full[..., R:], k_out=row[..., R:],
+                      norm=(kv[..., :R], norm.weight, norm.eps, row[:, :, 0, :R]))  # one launch for all three
+        # (H, B*L, dn) @ (H, dn, R) -> (H, B*L, R), straight into q_full's latent slice (a strided batch of rows)
+        torch.bmm(q[..., :dn].reshape(B * L, H, dn).transpose(0, 1), w_kv[:, :dn],
+                  out=q_full.view(B * L, H, R + dr)[..., :R].transpose(0, 1))
+        out = cache.attention(q_full, positions, self.softmax_scale, row, v_dim=R)  # (B, L, H, R)
+        # (H, B*L, R) @ (H, R, dv) -> (H, B*L, dv), written head-major into the (B*L, H*dv) input of o_proj
+        o = out.new_empty(B * L, H * dv)
+        torch.bmm(out.reshape(B * L, H, R).transpose(0, 1), w_kv[:, dn:].transpose(1, 2),
+                  out=o.view(B * L, H, dv).transpose(0, 1))
+        return self.o_proj(o.view(B, L, H * dv))

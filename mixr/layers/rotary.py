@@ -5,6 +5,8 @@ import math
 import torch
 from torch import nn
 
+from mixr.kernels.rope import apply_rope_qk
+
 
 def rope_parameters(hf: dict) -> dict:
     """One rope dict from either config.json style.
@@ -85,6 +87,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq
+        if self.scale == 1.0:  # most schedules (DeepSeek's YaRN too: its mscales cancel): two kernels fewer a step
+            return freqs.cos(), freqs.sin()
         return freqs.cos() * self.scale, freqs.sin() * self.scale
 
 
@@ -93,12 +97,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
     interleaved: pairs are (x0, x1), (x2, x3), ... as in DeepSeek's checkpoints; otherwise (x_i, x_{i+D/2}).
     The interleaved result is written de-interleaved ([evens, odds]); q and k get the same permutation, so
-    q.k is unchanged and the cache stays consistent.
+    q.k is unchanged and the cache stays consistent. To rotate q and k together, see apply_rope_qk.
     """
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x1.float(), x2.float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return apply_rope_qk(x, None, cos, sin, interleaved)[0]

@@ -15,9 +15,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
-    def forward(self, x, positions, rope, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rope, cache=None):
+        """h = h + attn(norm(h)); h = h + mlp(norm(h)), with the stream h carried as two tensors so that each
+        residual add runs inside the next norm's kernel (vLLM's fused_add_rms_norm): in, h = x + residual (residual
+        None: h = x, the first layer); out, (mlp output, h before it is added). The values are unchanged."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, rope, cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Decoder(nn.Module):
@@ -32,9 +40,10 @@ class Decoder(nn.Module):
     def forward(self, input_ids, positions, cache=None):
         x = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, rope, None if cache is None else cache.layer(i))
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, rope, None if cache is None else cache.layer(i))
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 
 class CausalLM(nn.Module):
