@@ -487,3 +487,100 @@ def test_cli_watermark_detect(tiny, tok, tmp_path, llm):
     assert r.returncode == 0 and json.loads(r.stdout)["verdict"] == "too short"
     r = subprocess.run(cmd + ["--gamma", "1.5", "hi"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "gamma" in r.stderr
+
+
+# -- classifier from a model directory ---------------------------------------------------------------------------
+
+LABELS = {0: "safe", 1: "toxic", 2: "violent"}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def classifier_dir(request, tmp_path_factory):
+    """A tiny random Hugging Face *ForSequenceClassification checkpoint (decoder + score.weight), as
+    transformers writes it, with a tokenizer; and the transformers model itself as the reference."""
+    from conftest import VOCAB, randomize_
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from mixr.tiny_tokenizer import build_tokenizer
+    path = tmp_path_factory.mktemp(f"classifier-{request.param}")
+    config = AutoConfig.for_model(request.param, vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                  max_position_embeddings=256, id2label=LABELS,
+                                  label2id={v: k for k, v in LABELS.items()}, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    randomize_(model, 0)
+    model.save_pretrained(path)
+    build_tokenizer(path, vocab_size=VOCAB)
+    return path, model.eval()
+
+
+def test_classifier_probabilities_match_transformers(classifier_dir):
+    from mixr.safety.classifier import SequenceClassifier
+    path, hf = classifier_dir
+    clf = SequenceClassifier(path, block_labels=["toxic", "violent"], device="cpu", batch_size=3)
+    assert clf.labels == ["safe", "toxic", "violent"]
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 9)]
+    batch.append([7, 8, 0, 9, 0, 0])  # pad ids inside and at the end: the last non-pad token is pooled
+    got = clf.probabilities_of_ids(batch)  # right-padded batches of 3 (causal: the padding changes nothing)
+    with torch.no_grad():
+        want = torch.cat([hf(torch.tensor([ids])).logits.softmax(-1) for ids in batch])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert got.sum(-1).sub(1).abs().max() < 1e-5
+    # texts go through the checkpoint's tokenizer, as transformers' pipeline would
+    texts = ["Alice has 3 apples.", "What is 12 times 3?"]
+    probs = clf.probabilities(texts)
+    for text, p in zip(texts, probs):
+        with torch.no_grad():
+            ref = hf(torch.tensor([clf.tokenizer.encode(text)])).logits.softmax(-1)[0]
+        assert list(p) == clf.labels and p["toxic"] == pytest.approx(ref[1].item(), rel=1e-4)
+    # the hook: the likeliest blocking label
+    label, score = clf(texts[0])
+    assert (label, score) == max(((k, v) for k, v in probs[0].items() if k != "safe"), key=lambda kv: kv[1])
+
+
+def test_classifier_hook_blocks_from_a_config_file(classifier_dir, tmp_path):
+    from mixr.safety.classifier import SequenceClassifier
+    path, _ = classifier_dir
+    clf = SequenceClassifier(path, block_labels=["toxic"], device="cpu")
+    texts = ["Alice has 3 apples.", "Bob sees 4 cats.", "What is 12 times 3?", "Once upon a time"]
+    toxic = sorted((p["toxic"], t) for p, t in zip(clf.probabilities(texts), texts))
+    (low, allowed), (high, blocked) = toxic[0], toxic[-1]
+    assert high > low
+    threshold = (low + high) / 2
+    (tmp_path / "safety.toml").write_text(f"""
+[filter]
+classifier_threshold = {threshold!r}
+classifier = {{model_dir = '{path}', block_labels = ["toxic"], device = "cpu"}}
+""")
+    cfg = SafetyConfig.from_file(tmp_path / "safety.toml")
+    d = check_input(blocked, cfg.filter)
+    assert (d.allowed, d.category, d.rule) == (False, "toxic", "classifier")
+    assert d.score == pytest.approx(high)
+    assert check_input(allowed, cfg.filter).allowed
+    # chat messages are classified as their joined text
+    assert not check_input([{"role": "user", "content": blocked}], cfg.filter).allowed
+
+    # a text longer than max_length is scored in windows; the likeliest window decides
+    short = SequenceClassifier(path, block_labels=["toxic"], device="cpu", max_length=8)
+    long_text = " ".join(texts * 3)
+    ids = short.tokenizer.encode(long_text)
+    assert len(ids) > 16
+    windows = short.probabilities_of_ids([ids[k:k + 8] for k in range(0, len(ids), 8)])
+    assert short(long_text) == ("toxic", pytest.approx(windows[:, 1].max().item()))
+
+    with pytest.raises(ValueError, match=r"unknown block_labels \['hateful'\].*'safe', 'toxic', 'violent'"):
+        SequenceClassifier(path, block_labels=["hateful"], device="cpu")
+    with pytest.raises(ValueError, match="block_labels is empty"):
+        SequenceClassifier(path, block_labels=[], device="cpu")
+    (tmp_path / "bad.toml").write_text(f"[filter]\nclassifier = {{model_dir = '{path}', labels = ['toxic']}}\n")
+    with pytest.raises(ValueError, match="bad.toml.*labels"):
+        SafetyConfig.from_file(tmp_path / "bad.toml")
+
+
+def test_classifier_refuses_a_language_model_directory(tiny):
+    from mixr.checkpoint import CheckpointError
+    from mixr.safety.classifier import SequenceClassifier
+    with pytest.raises(CheckpointError, match="no id2label"):
+        SequenceClassifier(tiny, block_labels=["toxic"], device="cpu")

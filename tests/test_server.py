@@ -4,10 +4,12 @@ malformed requests, a 200-stream load test, a disconnect storm, and SIGTERM on t
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -23,6 +25,7 @@ import uvicorn
 from mixr.engine.async_engine import AsyncLLM
 from mixr.engine.llm_engine import CompletionOutput, EngineConfig, LLMEngine, RequestMetrics, RequestOutput
 from mixr.reference import reference_generate
+from mixr.safety import SafetyConfig, detect, token_entropy
 from mixr.serve import build_app
 from mixr.serve.reasoning import ReasoningParser
 from mixr.tiny import make_tiny_checkpoint
@@ -502,6 +505,297 @@ def test_disconnect_storm_frees_every_block(url, llm):
     assert engine_idle(llm, timeout=10), "aborted requests still hold KV blocks"
     assert metric(url, "mixr_request_aborts_total") == aborts + 51
     assert metric(url, "mixr_requests_in_flight") == 0 and metric(url, "mixr_kv_cache_usage_ratio") == 0
+
+
+# -- the safety layer (mixr.safety, switched on per server) ----------------------------------------------------
+REFUSAL = "I can't help with that request."
+BLOCK_INPUT = {"keywords": {"weapons": ["pipe bomb"]}, "patterns": {"pii": [r"\b\d{3}-\d{2}-\d{4}\b"]},
+               # a callable classifier keeps the decision deterministic (a model directory: test_safety.py)
+               "classifier": lambda text: ("harassment", 0.97 if "idiot" in text else 0.01)}
+
+
+@contextlib.contextmanager
+def safe_server(llm, safety: dict, api_key: str | None = None):
+    """A server on the shared engine with a SafetyConfig; yields (base URL, openai client)."""
+    with running(build_app(llm, MODEL, api_key=api_key, safety=SafetyConfig.from_dict(safety))) as base, \
+            openai.OpenAI(base_url=f"{base}/v1", api_key=api_key or "-", max_retries=0, timeout=60) as c:
+        yield base, c
+
+
+def extra(obj, name: str):
+    return (obj.model_extra or {}).get(name)
+
+
+def c_ids(llm, text: str) -> list[int]:
+    return llm.engine.tokenizer.encode(text)
+
+
+def test_blocked_prompt_gets_a_400_content_filter(llm):
+    with safe_server(llm, {"filter": BLOCK_INPUT}) as (base, c), httpx.Client(base_url=base, timeout=30) as h:
+        tokens = metric(base, "mixr_prompt_tokens_total")
+        blocked = [("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "Build a PIPE BOMB"}]),
+                    "messages"),
+                   ("/v1/chat/completions", chat_body(messages=[{"role": "system", "content": "ssn 123-45-6789"},
+                                                                {"role": "user", "content": "hi"}]), "messages"),
+                   ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "you idiot"}],
+                                                      stream=True), "messages"),
+                   ("/v1/completions", {"model": MODEL, "prompt": "a pipe bomb is"}, "prompt"),
+                   ("/v1/completions", {"model": MODEL, "prompt": c_ids(llm, "my SSN: 123-45-6789")}, "prompt")]
+        for path, body, param in blocked:
+            r = h.post(path, json=body)
+            assert r.status_code == 400, (body, r.text)
+            assert r.json() == {"error": {"message": REFUSAL, "type": "invalid_request_error", "param": param,
+                                          "code": "content_filter"}}
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "you idiot"}], max_tokens=2)
+        assert e.value.status_code == 400 and e.value.code == "content_filter"
+        # nothing blocked reached the engine; the rest is served as before
+        assert metric(base, "mixr_prompt_tokens_total") == tokens
+        assert metric(base, 'mixr_content_filter_total{stage="input"}') == len(blocked) + 1
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "you are kind"}], max_tokens=2)
+        assert r.choices[0].finish_reason == "length" and metric(base, "mixr_requests_in_flight") == 0
+
+
+def test_refusal_mode_answers_with_the_refusal(llm):
+    msg = "Sorry, that is not something I can help with."
+    cfg = {"filter": {**BLOCK_INPUT, "mode": "refusal", "refusal_message": msg}}
+    bad = [{"role": "user", "content": "how to build a pipe bomb"}]
+    with safe_server(llm, cfg) as (base, c):
+        tokens = metric(base, "mixr_prompt_tokens_total")
+        r = c.chat.completions.create(model=MODEL, messages=bad, n=2)
+        assert [(ch.index, ch.message.content, ch.finish_reason) for ch in r.choices] == \
+            [(0, msg, "content_filter"), (1, msg, "content_filter")]
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt_ids(llm, bad)), 0)
+        chunks = list(c.chat.completions.create(model=MODEL, messages=bad, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == msg
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "content_filter"
+        assert chunks[-1].usage.completion_tokens == 0 and chunks[0].choices[0].delta.role == "assistant"
+        comp = c.completions.create(model=MODEL, prompt="my SSN is 123-45-6789")
+        assert (comp.choices[0].text, comp.choices[0].finish_reason) == (msg, "content_filter")
+        chunks = list(c.completions.create(model=MODEL, prompt="you idiot", stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == msg
+        assert chunks[-1].choices[0].finish_reason == "content_filter"
+        assert metric(base, "mixr_prompt_tokens_total") == tokens  # the engine never saw them
+        ok = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
+        assert ok.choices[0].finish_reason == "length" and ok.usage.completion_tokens == 3
+
+
+def boundary_pattern(llm, client) -> tuple[list[dict], str, str, int, int]:
+    """A prompt whose greedy output starts with k >= 2 whole printable-ASCII tokens and then a piece of text of
+    3 or 4 characters that spans the boundary of tokens k and k+1 and first occurs there (a random model's
+    output is mostly partial UTF-8; ASCII keeps token and character boundaries plain).
+    Returns (messages, raw output, piece, its offset, k)."""
+    for question in ("Bob sees 4 cats.", "What is 12 times 3?", "Hi", "Tell me a story.", "Count to ten."):
+        messages = [{"role": "user", "content": question}]
+        r = client.completions.create(model=MODEL, prompt=prompt_ids(llm, messages), max_tokens=40, temperature=0,
+                                      logprobs=0, extra_body={"ignore_eos": True})
+        raw, pieces = r.choices[0].text, r.choices[0].logprobs.tokens
+        for k in range(2, len(pieces) - 1):
+            if not all(p.isascii() and p.isprintable() for p in pieces[:k + 2]):
+                break
+            at = len("".join(pieces[:k + 1]))
+            piece = pieces[k][-2:] + pieces[k + 1][:2]
+            if len(piece) >= 3 and raw.startswith("".join(pieces[:k + 2])) and raw.index(piece) == at - 2:
+                return messages, raw, piece, raw.index(piece), k
+    pytest.fail("no greedy output starts with a blockable token boundary")
+
+
+def test_output_filter_stops_streams_across_token_boundaries(llm, client):
+    messages, raw, piece, start, k = boundary_pattern(llm, client)
+    ids = prompt_ids(llm, messages)
+    cfg = {"filter": {"patterns": {"secret": [{"regex": re.escape(piece), "max_len": len(piece)}]}}}
+    with safe_server(llm, cfg) as (base, c):
+        aborts = metric(base, "mixr_request_aborts_total")
+        kw = dict(model=MODEL, messages=messages, max_tokens=1500, temperature=0, extra_body={"ignore_eos": True})
+        chunks = list(c.chat.completions.create(**kw, stream=True, logprobs=True,
+                                                stream_options={"include_usage": True}))
+        # the KV blocks are free by the time [DONE] arrives: the engine request was aborted
+        assert not llm.engine.has_unfinished_requests()
+        assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.runner.num_blocks
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        reasoning = "".join(extra(d, "reasoning_content") or "" for d in deltas)
+        content = "".join(d.content or "" for d in deltas)
+        assert (reasoning, content) == ReasoningParser(True).parse(raw[:start])  # all before the match
+        assert all(piece not in (extra(d, "reasoning_content") or "") + (d.content or "") for d in deltas)
+        finals = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert [f.finish_reason for f in finals] == ["content_filter"]
+        usage = chunks[-1].usage
+        assert k + 1 <= usage.completion_tokens < k + 60  # stopped right away, not at max_tokens
+        # logprobs are released with their text only: exactly the k tokens wholly before the match
+        entries = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+        assert "".join(e.token for e in entries) == raw[:start][:at_token(raw, entries)] and len(entries) == k
+        # the audit covers the tokens up to the stop (the engine may have run a step further before the abort),
+        # and its spans never show the blocked text
+        audit = extra(finals[0], "mixr_audit")
+        assert k + 1 <= audit["num_tokens"] <= usage.completion_tokens
+        assert all(piece not in s["text"] for s in audit["spans"])
+
+        # not streamed: the same cut, from /v1/completions
+        r = c.completions.create(model=MODEL, prompt=ids, max_tokens=1500, temperature=0, logprobs=1,
+                                 extra_body={"ignore_eos": True})
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (raw[:start], "content_filter")
+        assert len(r.choices[0].logprobs.tokens) == k and raw.startswith("".join(r.choices[0].logprobs.tokens))
+        assert r.usage.completion_tokens < k + 60
+        # n > 1: every choice is cut (greedy: the same text); the request ends when none is left running
+        r = c.chat.completions.create(**kw, n=2)
+        assert [(ch.finish_reason, (reasoning_of(ch.message) or "", ch.message.content)) for ch in r.choices] == \
+            [("content_filter", ReasoningParser(True).parse(raw[:start]))] * 2
+        assert engine_idle(llm, timeout=1)
+        assert metric(base, 'mixr_content_filter_total{stage="output"}') == 4
+        assert metric(base, "mixr_request_aborts_total") == aborts  # the server's own stop is not a client abort
+        # text without the pattern passes untouched
+        other = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                          temperature=0)
+        assert other.choices[0].finish_reason in ("length", "stop")
+
+
+def at_token(raw: str, entries) -> int:
+    return len("".join(e.token for e in entries))
+
+
+def test_audit_field_matches_the_logprobs(llm, client, url):
+    ids = prompt_ids(llm, USER)
+    kw = dict(model=MODEL, messages=USER, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**kw)
+    body = {"model": MODEL, "messages": USER, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    assert set(httpx.post(f"{url}/v1/chat/completions", json=body).json()["choices"][0]) == \
+        {"index", "message", "logprobs", "finish_reason"}  # no safety config: no extension field
+    threshold = 0.05
+    with safe_server(llm, {"audit": {"prob_threshold": threshold, "max_spans": 3}}) as (_, c):
+        r = c.chat.completions.create(**kw, logprobs=True, top_logprobs=20)
+        (choice,) = r.choices
+        # safety on, nothing blocked: the output is the plain server's
+        assert (choice.message.content, reasoning_of(choice.message)) == \
+            (plain.choices[0].message.content, reasoning_of(plain.choices[0].message))
+        audit, entries = extra(choice, "mixr_audit"), choice.logprobs.content
+        assert audit["num_tokens"] == len(entries) == r.usage.completion_tokens == 16
+        steps = [(e.logprob, [(j, t.logprob) for j, t in enumerate(e.top_logprobs)]) for e in entries]
+        ent = [token_entropy(None, s) for s in steps]  # greedy: the chosen token is the first alternative
+        assert audit["mean_entropy"] == pytest.approx(sum(ent) / 16, rel=1e-9)
+        assert audit["max_entropy"] == pytest.approx(max(ent), rel=1e-9)
+        assert audit["mean_logprob"] == pytest.approx(sum(e.logprob for e in entries) / 16, rel=1e-9)
+        low = [e.logprob < math.log(threshold) for e in entries]
+        assert audit["low_prob_fraction"] == sum(low) / 16
+        assert len(audit["spans"]) == min(3, sum(1 for j in range(16) if low[j] and (j == 0 or not low[j - 1])))
+        for s in audit["spans"]:
+            span = entries[s["token_start"]:s["token_end"]]
+            assert all(low[s["token_start"]:s["token_end"]]) and span
+            assert s["logprob"] == pytest.approx(sum(e.logprob for e in span), rel=1e-9)
+            assert s["min_prob"] == pytest.approx(math.exp(min(e.logprob for e in span)), rel=1e-9)
+        assert audit["low_confidence"] == bool(audit["reasons"])
+
+        # the engine is asked for logprobs for the audit; the client gets only what it asked for
+        bare = c.chat.completions.create(**kw)
+        assert bare.choices[0].logprobs is None and extra(bare.choices[0], "mixr_audit") == audit
+        two = c.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+        assert [len(e.top_logprobs) for e in two.choices[0].logprobs.content] == [2] * 16
+        assert extra(two.choices[0], "mixr_audit") == audit
+        chunks = list(c.chat.completions.create(**kw, stream=True))
+        assert all(ch.choices[0].logprobs is None for ch in chunks)
+        assert [extra(ch.choices[0], "mixr_audit") for ch in chunks if ch.choices[0].finish_reason] == [audit]
+        comp = c.completions.create(model=MODEL, prompt=ids, max_tokens=16, temperature=0,
+                                    extra_body={"ignore_eos": True})
+        assert comp.choices[0].logprobs is None and extra(comp.choices[0], "mixr_audit") == audit
+    with safe_server(llm, {"audit": {"enabled": False}}) as (_, c):
+        assert extra(c.chat.completions.create(**kw).choices[0], "mixr_audit") is None
+
+
+def test_audit_log_lines_and_no_api_key(llm, tmp_path):
+    path = tmp_path / "audit" / "log.jsonl"
+    key, wm_key = "sk-mixr-test-0123456789abcdef", "wm-secret-5f3a9c"
+    cfg = {"filter": {"keywords": {"weapons": ["pipe bomb"]}}, "audit": {"log_path": str(path)},
+           "watermark": {"key": wm_key, "delta": 1.0}}
+    with safe_server(llm, cfg, api_key=key) as (base, c):
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"my key is {key}"}],
+                                      max_tokens=5, extra_body={"ignore_eos": True})
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a pipe bomb"}])
+        chunks = list(c.completions.create(model=MODEL, prompt="Alice has", max_tokens=4, stream=True,
+                                           extra_body={"ignore_eos": True}))
+        with httpx.Client(base_url=base) as h:  # a client sending its key in other headers too
+            assert h.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                          headers={"Authorization": f"Bearer {key}", "X-Api-Key": key}).status_code == 200
+    lines = path.read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert len(recs) == 4 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for rec in recs:
+        assert set(rec) == {"request_id", "time", "model", "filter", "audit", "metadata"} and rec["model"] == MODEL
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["time"])
+        assert rec["filter"][0]["stage"] == "input" and rec["metadata"]["watermarked"] is True
+    ok, blocked, streamed, last = recs
+    assert ok["request_id"] == r.id and ok["filter"] == [{"stage": "input", "allowed": True, "category": None,
+                                                          "rule": None, "message": None, "score": None}]
+    assert ok["metadata"] == {"endpoint": "/v1/chat/completions", "stream": False, "watermarked": True,
+                              "finish_reasons": ["length"], "prompt_tokens": r.usage.prompt_tokens,
+                              "completion_tokens": 5}
+    assert len(ok["audit"]) == 1 and ok["audit"][0]["num_tokens"] == 5
+    assert blocked["request_id"].startswith("chatcmpl-") and blocked["audit"] is None
+    assert (blocked["filter"][0]["allowed"], blocked["filter"][0]["category"], blocked["filter"][0]["rule"]) == \
+        (False, "weapons", "keyword:pipe bomb")
+    assert blocked["metadata"]["finish_reasons"] == ["content_filter"]
+    assert streamed["request_id"] == chunks[0].id and streamed["metadata"]["stream"] is True
+    assert streamed["audit"][0]["num_tokens"] == 4 and last["metadata"]["endpoint"] == "/v1/completions"
+    text = path.read_text()
+    for secret in (key, wm_key, "Authorization", "Bearer", "X-Api-Key"):
+        assert secret not in text
+
+
+def test_watermark_from_the_server_config_is_detected(llm, client):
+    tok = llm.engine.tokenizer
+    kw = dict(model=MODEL, prompt="Alice has", max_tokens=200, temperature=1.0, seed=11,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].text
+    with safe_server(llm, {"watermark": {"key": "server-wm", "delta": 4.0}}) as (_, c):
+        marked = c.completions.create(**kw).choices[0].text
+        chat = c.chat.completions.create(model=MODEL, messages=USER, max_tokens=200, temperature=1.0, seed=5,
+                                         extra_body={"ignore_eos": True}).choices[0].message
+    d = detect(marked, tok, key="server-wm")
+    assert d.z_score > 4 and d.verdict == "watermarked" and d.num_tokens_scored > 100
+    assert abs(detect(plain, tok, key="server-wm").z_score) < 3  # the same request without the watermark
+    assert abs(detect(marked, tok, key="another-key").z_score) < 3
+    assert detect((reasoning_of(chat) or "") + chat.content, tok, key="server-wm").z_score > 4
+
+
+def test_cli_safety_flags(model_dir, tmp_path):
+    (tmp_path / "safety.toml").write_text('[filter]\nkeywords = {weapons = ["pipe bomb"]}\n'
+                                          '[watermark]\nkey = "from-the-file"\ndelta = 4.0\n')
+    log = tmp_path / "audit.jsonl"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MIXR_WATERMARK_KEY": "from-the-env", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "mixr", "serve", str(model_dir), "--port", str(port), "--device", "cpu",
+           "--served-model-name", "m", "--safety-config", str(tmp_path / "safety.toml"), "--audit-log", str(log)]
+    out = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "server.log").read()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        r = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": "a pipe bomb"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
+        r = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": "Alice has", "max_tokens": 200,
+                                                       "seed": 1, "ignore_eos": True}, timeout=60).json()
+        assert r["choices"][0]["mixr_audit"]["num_tokens"] == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        out.close()
+    from mixr.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(model_dir)
+    text = r["choices"][0]["text"]
+    # the environment's key replaces the file's; the file's gamma/delta stay
+    assert detect(text, tok, key="from-the-env").z_score > 4 and abs(detect(text, tok, key="from-the-file").z_score) < 4
+    assert [json.loads(line)["filter"][0]["allowed"] for line in log.read_text().splitlines()] == [False, True]
+    bad = subprocess.run(cmd[:-4] + ["--safety-config", str(tmp_path / "nope.yaml")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "nope.yaml" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # -- the command, and SIGTERM ----------------------------------------------------------------------------------

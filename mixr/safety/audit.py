@@ -27,15 +27,21 @@ class AuditConfig:
     """prob_threshold: tokens below this probability form the low-probability spans; max_spans: how many to
     report (lowest joint probability first). A response is low-confidence when its mean entropy (nats) is
     over max_mean_entropy, or its fraction of low-probability tokens over max_low_prob_fraction.
-    log_path: the JSONL audit log (None: no log)."""
+    log_path: the JSONL audit log (None: no log). The server computes the statistics of every response
+    unless enabled is false, asking the engine for top_logprobs alternatives per token (more: a tighter
+    entropy bound; the client still gets only the logprobs it asked for)."""
 
     prob_threshold: float = 0.1
     max_spans: int = 5
     max_mean_entropy: float = 2.5
     max_low_prob_fraction: float = 0.3
     log_path: str | None = None
+    enabled: bool = True
+    top_logprobs: int = 20
 
     def __post_init__(self):
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in 0..20 (the engine's limit), got {self.top_logprobs}")
         if not 0 < self.prob_threshold < 1:
             raise ValueError(f"prob_threshold must be in (0, 1), got {self.prob_threshold}")
         if self.max_spans < 0:
@@ -169,7 +175,7 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, request_id: str, model: str, filter_decisions: list | None = None,
-              audit: AuditStats | dict | None = None, metadata: dict | None = None) -> dict:
+              audit: AuditStats | dict | list | None = None, metadata: dict | None = None) -> dict:
         now = time.time()
         record = {
             "request_id": request_id,

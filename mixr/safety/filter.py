@@ -27,8 +27,10 @@ class FilterConfig:
     """keywords / patterns: category -> list of words / regexes. A regex entry is a string or
     {"regex": ..., "max_len": N}; max_len (default max_match_chars) bounds the match length the stream filter
     guarantees to catch before any of it is emitted. max_prompt_chars / max_prompt_tokens: None is no limit
-    (tokens need a tokenizer). classifier: a callable text -> (category, score) or None, or "module:function";
-    it blocks at score >= classifier_threshold (input side only). mode: how the server answers a blocked
+    (tokens need a tokenizer). classifier: a callable text -> (category, score) or None, "module:function", or
+    a sequence-classifier model directory as {"model_dir": ..., "block_labels": [...], "device": ...} (the
+    arguments of mixr.safety.classifier.SequenceClassifier); it blocks at score >= classifier_threshold (input
+    side only). mode: how the server answers a blocked
     request: "error" (HTTP 400, code "content_filter") or "refusal" (a normal response whose text is
     refusal_message). filter_output: the same keywords/patterns also stop generated streams."""
 
@@ -36,7 +38,7 @@ class FilterConfig:
     patterns: dict[str, list] = field(default_factory=dict)
     max_prompt_chars: int | None = None
     max_prompt_tokens: int | None = None
-    classifier: Classifier | str | None = None
+    classifier: Classifier | str | dict | None = None
     classifier_threshold: float = 0.5
     mode: str = "error"
     refusal_message: str = "I can't help with that request."
@@ -55,6 +57,9 @@ class FilterConfig:
         if isinstance(self.classifier, str):  # "package.module:function", from a config file
             mod, _, fn = self.classifier.partition(":")
             self.classifier = getattr(importlib.import_module(mod), fn)
+        elif isinstance(self.classifier, dict):  # a model directory, from a config file
+            from mixr.safety.classifier import SequenceClassifier  # imports the model code only when used
+            self.classifier = SequenceClassifier(**self.classifier)
         self.rules = []
         for cat, words in self.keywords.items():
             for w in words:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from mixr.engine.async_engine import AsyncLLM
+from mixr.safety import SafetyConfig
 from mixr.serve.endpoints import chat_completions, completions
 from mixr.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from mixr.serve.state import ServerState
@@ -68,12 +69,14 @@ class _Gate:
             self.state.metrics.requests.inc(endpoint, status)
 
 
-def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, max_queue: int = 256,
+              safety: SafetyConfig | None = None) -> FastAPI:
     """The OpenAI-compatible app over an AsyncLLM. api_key: required as a bearer token on every /v1 route;
-    max_queue: generation requests held at once (waiting + running), past which new ones get 429."""
+    max_queue: generation requests held at once (waiting + running), past which new ones get 429;
+    safety: the input and output filters, audit and watermark applied to every generation request."""
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-    state = ServerState(engine, model_name, api_key, max_queue)
+    state = ServerState(engine, model_name, api_key, max_queue, safety)
     app = FastAPI(title="mixr", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.mixr = state
     app.add_middleware(_Gate, state=state)
@@ -147,10 +150,11 @@ def build_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, max
 
 
 def serve(engine: AsyncLLM, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_queue: int = 256, shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+          max_queue: int = 256, shutdown_timeout: float = 30.0, log_level: str = "info",
+          safety: SafetyConfig | None = None) -> None:
     """Serve until SIGINT/SIGTERM. Shutdown is uvicorn's graceful one: the socket closes, in-flight requests get
     shutdown_timeout seconds to finish, then their tasks are cancelled (which aborts them in the engine)."""
-    app = build_app(engine, model_name, api_key, max_queue)
+    app = build_app(engine, model_name, api_key, max_queue, safety)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout)
     uvicorn.Server(config).run()

@@ -81,10 +81,14 @@ class ServerMetrics:
         self.latency = Histogram("mixr_e2e_request_latency_seconds",
                                  "From request arrival to the last token, for requests that finished.",
                                  LATENCY_BUCKETS)
+        self.content_filtered = Counter("mixr_content_filter_total",
+                                        "Requests (stage=input) and choices (stage=output) the content filter blocked.",
+                                        ("stage",))
 
     def render(self, gauges: list[tuple[str, str, float]]) -> str:
         lines = []
-        for m in (self.requests, self.aborts, self.prompt_tokens, self.generation_tokens, self.ttft, self.latency):
+        for m in (self.requests, self.aborts, self.prompt_tokens, self.generation_tokens, self.ttft, self.latency,
+                  self.content_filtered):
             lines += m.render()
         for name, help, value in gauges:
             lines += gauge(name, help, value)

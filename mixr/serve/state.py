@@ -12,9 +12,11 @@ from fastapi.responses import StreamingResponse
 
 from mixr.engine.async_engine import AsyncLLM
 from mixr.engine.llm_engine import RequestOutput
+from mixr.safety import SafetyConfig
 from mixr.sampling import SamplingParams
 from mixr.serve.metrics import ServerMetrics
 from mixr.serve.protocol import APIError
+from mixr.serve.safety import OutputGuard, ServerSafety
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -35,11 +37,13 @@ _BYTE_LEVEL = _byte_level_alphabet()
 class ServerState:
     """What the routes share: the engine, the settings, the admission count and the metrics."""
 
-    def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None, max_queue: int):
+    def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None, max_queue: int,
+                 safety: SafetyConfig | None = None):
         self.llm, self.engine, self.tokenizer = llm, llm.engine, llm.engine.tokenizer
         self.model_name, self.api_key, self.max_queue = model_name, api_key, max_queue
         self.in_flight = 0  # admitted generation requests not yet finished: waiting + running in the engine
         self.metrics = ServerMetrics()
+        self.safety = None if safety is None else ServerSafety(safety, self.tokenizer, [api_key or ""], self.metrics)
         self.created = int(time.time())
         self.reasoning = all(self.tokenizer.token_to_id(t) is not None for t in (THINK_START, THINK_END))
         self._pieces: dict[int, tuple[str, list[int]]] = {}
@@ -170,6 +174,12 @@ class Run:
         finally:
             await self.close()
 
+    def stop(self) -> None:
+        """The server ends the request itself (the output filter blocked it): close() then aborts it in the
+        engine, which frees its KV blocks, without counting a client abort."""
+        self.finished = True
+        self.state.metrics.latency.observe(time.perf_counter() - self.t0)
+
     async def close(self) -> None:
         """Abort the request if it is still running (a client disconnect) and release its admission; idempotent."""
         if self.closed:
@@ -231,12 +241,17 @@ async def open_run(state: ServerState, prompt: list[int], params: SamplingParams
     return run
 
 
-async def collect(run: Run, request: Request) -> bool:
-    """Run a non-streaming request to the end; False if the client went away first (the request is aborted)."""
+async def collect(run: Run, request: Request, guard: OutputGuard | None = None) -> bool:
+    """Run a non-streaming request to the end (or until the guard's output filter stops it); False if the client
+    went away first (the request is aborted)."""
     async def drain():
         async with aclosing(run.updates()) as updates:
-            async for _ in updates:
-                pass
+            async for update in updates:
+                if guard is not None:
+                    guard.filter(update, run.out.outputs)
+                    if guard.stopped:
+                        run.stop()
+                        break
 
     task, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(_until_disconnect(request))
     try:
