@@ -1,11 +1,14 @@
-"""A tiny random DeepSeek-V3-architecture checkpoint, written in the Hugging Face format.
+"""The built-in default model, and a tiny random DeepSeek-V3-architecture checkpoint in the Hugging Face format.
 
-It stands in for the built-in default model until a trained one ships: it exercises the whole stack
-(MLA, sigmoid group-limited routing, shared experts, BPE tokenizer, R1 chat template) but its text is noise.
+The default model is the trained one shipped in mixr/default_model/ (recipes/default_model/, made by
+bench/train_default_model.py). Without it (a checkout that lacks the weights) the tiny random checkpoint stands
+in: it exercises the whole stack (MLA, sigmoid group-limited routing, shared experts, BPE tokenizer, R1 chat
+template) but its text is noise.
 """
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -47,12 +50,19 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
 def default_model_dir() -> Path:
-    """The model used when no directory is given: made once under ~/.cache/mixr (or $MIXR_HOME)."""
+    """The model used when no directory is given: the trained default model in mixr/default_model/, or, when it
+    is not installed, a tiny random model made once under ~/.cache/mixr (or $MIXR_HOME), saying so on stderr."""
+    if (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        return DEFAULT_MODEL_DIR
     home = Path(os.environ.get("MIXR_HOME") or Path.home() / ".cache" / "mixr")
     path = home / "tiny-random-deepseek-v3"
+    print(f"mixr: the trained default model is not installed ({DEFAULT_MODEL_DIR} has no weights); using a tiny "
+          f"random DeepSeek-V3-style model from {path} instead (random weights: its output is noise)",
+          file=sys.stderr)
     if not (path / "model.safetensors").is_file():
-        print(f"mixr: no model directory given; creating a tiny random DeepSeek-V3-style model in {path} "
-              "(random weights: its output is noise, not language)")
         make_tiny_checkpoint(path)
     return path

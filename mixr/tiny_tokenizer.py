@@ -45,7 +45,7 @@ _THINGS = ["apple", "book", "cat", "dog", "egg", "flower", "game", "house", "key
 _VERBS = ["has", "buys", "sees", "finds", "gives away", "wants"]
 
 
-def _corpus() -> list[str]:
+def demo_corpus() -> list[str]:
     """A few hundred deterministic lines of English and arithmetic, so merges cover digits and words."""
     lines = []
     for i, name in enumerate(_NAMES):
@@ -73,14 +73,19 @@ def build_tokenizer(
     vocab_size: int = 512,
     corpus: list[str] | None = None,
     chat_template: str | None = None,
+    split_digits: bool = False,
 ) -> None:
     """Train a byte-level BPE on `corpus` (a built-in one by default) and write `tokenizer.json` and
-    `tokenizer_config.json` to `out_dir`. The whole vocabulary, added tokens included, fits in `vocab_size`."""
+    `tokenizer_config.json` to `out_dir`. The whole vocabulary, added tokens included, fits in `vocab_size`
+    (fewer ids when the corpus has no more merges to offer). split_digits: every digit is its own token, so
+    a number's digits line up with the columns a scratchpad works on (the default model's tokenizer)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - 2,  # leave room for <think> and </think>
@@ -88,7 +93,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, so any text round-trips
         show_progress=False,
     )
-    tok.train_from_iterator(corpus if corpus is not None else _corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else demo_corpus(), trainer=trainer)
     # The think markers are ordinary text to the model (decode keeps them), but must stay one token each.
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_OPEN, THINK_CLOSE)])
     # Like DeepSeek's tokenizer.json, the post-processor is what makes add_special_tokens=True prepend bos.
