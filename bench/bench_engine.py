@@ -78,6 +78,18 @@ def ceilings() -> dict:
     return {"copy_bandwidth_GBps": copy / 1e9, "bf16_matmul_TFLOPs": flops / 1e12}
 
 
+def cover_vocab(path: Path, vocab_size: int) -> None:
+    """Give every id of the model's vocabulary a token (" t<id>") in the small BPE, so that a random model's
+    output decodes to text: ids the BPE lacked decoded to nothing, and the server then streamed no chunks."""
+    f = path / "tokenizer.json"
+    tok = json.loads(f.read_text())
+    taken = set(tok["model"]["vocab"].values()) | {a["id"] for a in tok["added_tokens"]}
+    for i in range(vocab_size):
+        if i not in taken:
+            tok["model"]["vocab"]["\u0120t" + str(i)] = i  # \u0120 is byte-level BPE's space
+    f.write_text(json.dumps(tok))
+
+
 def make_checkpoint(shape: str, layers: int | None, path: Path) -> dict:
     hf = dict(SHAPES[shape])
     if layers:
@@ -91,7 +103,8 @@ def make_checkpoint(shape: str, layers: int | None, path: Path) -> dict:
         torch.set_default_dtype(torch.float32)
     model.init_weights(std=0.02)
     save_model(model, path, max_shard_bytes=4 << 30)
-    build_tokenizer(path)  # a small BPE: generated ids beyond its vocabulary decode to nothing
+    build_tokenizer(path)
+    cover_vocab(path, hf["vocab_size"])
     n_params = sum(p.numel() for p in model.parameters())
     del model
     gc.collect()
