@@ -35,6 +35,7 @@ from mixr.safety import WatermarkConfig, audit_response, detect
 from mixr.tiny import make_tiny_checkpoint
 from mixr.tiny_tokenizer import BOS, EOS, build_tokenizer
 from mixr.tokenizer import Tokenizer
+from mixr.train.tasks import TASKS, generate
 
 KEY = "bench-watermark-key"
 
@@ -92,11 +93,14 @@ def rate(zs: list[float], threshold: float) -> float:
 
 
 def run_model(path: Path, deltas: list[float], n: int, tokens: int, threshold: float, batch: int,
-              variants: list[dict]) -> dict:
+              variants: list[dict], task: str | None = None) -> dict:
     llm = LLM(path, device="cpu", dtype="float32", max_num_seqs=batch)
     tok = llm.tokenizer
     res = {"model_type": llm.config.model_type, "vocab_size": llm.config.vocab_size, "by_delta": {}}
     prompts = [f"Sample {i}: " for i in range(n)]
+    if task:  # a trained chat model: held-out problems of its task, in its chat template
+        prompts = [tok.apply_chat_template([{"role": "user", "content": it.prompt}], add_generation_prompt=True,
+                                           tokenize=True) for it in generate(TASKS[task], n, seed=0, split="test")]
     runs = [(f"delta={d}", WatermarkConfig(KEY, delta=d) if d else None) for d in deltas]
     runs += [(f"{v['hashing']} h={v['context_width']} delta={v['delta']}", WatermarkConfig(KEY, **v)) for v in variants]
     for name, wm in runs:
@@ -142,6 +146,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=4.0)
     ap.add_argument("--deltas", default="0,1,2,4")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--model", default=None, help="a trained model directory instead of the random models")
+    ap.add_argument("--task", default="arithmetic", help="with --model: prompts from this task's held-out split")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     deltas = [float(d) for d in args.deltas.split(",")]
@@ -163,17 +169,22 @@ def main() -> None:
     variants = [dict(delta=2.0, context_width=4, hashing="selfhash")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {
-            "tiny-deepseek-v3 (mixr.tiny, init std 0.1)": make_tiny_checkpoint(tmp / "deepseek-v3"),
-            "tiny-qwen3-moe (init std 0.1)": qwen3_moe_checkpoint(tmp / "qwen3-moe-0.1", 0.1),
-            "tiny-qwen3-moe (init std 0.5, lower entropy)": qwen3_moe_checkpoint(tmp / "qwen3-moe-0.5", 0.5),
-        }
+        if args.model:
+            models = {f"trained: {args.model} (prompts: {args.task} held-out)": Path(args.model)}
+            result["note"] = ("A TRAINED model, prompted with its task's held-out problems; ignore_eos keeps it "
+                              "sampling to the full length. Detection on 'text' re-tokenizes the decoded output.")
+        else:
+            models = {
+                "tiny-deepseek-v3 (mixr.tiny, init std 0.1)": make_tiny_checkpoint(tmp / "deepseek-v3"),
+                "tiny-qwen3-moe (init std 0.1)": qwen3_moe_checkpoint(tmp / "qwen3-moe-0.1", 0.1),
+                "tiny-qwen3-moe (init std 0.5, lower entropy)": qwen3_moe_checkpoint(tmp / "qwen3-moe-0.5", 0.5),
+            }
         for name, path in models.items():
             result["models"][name] = run_model(path, deltas, args.samples, args.tokens, args.threshold, args.batch,
-                                               variants)
+                                               variants, args.task if args.model else None)
             if args.out:  # write after each model, so a cut run keeps what it measured
                 Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        tok = Tokenizer.from_dir(models["tiny-deepseek-v3 (mixr.tiny, init std 0.1)"])
+        tok = Tokenizer.from_dir(next(iter(models.values())))
         passages = human_passages(tok, args.samples, args.tokens)
     cfg = WatermarkConfig(KEY)
     dets = [detect(p, tok, config=cfg, threshold=args.threshold) for p in passages]
