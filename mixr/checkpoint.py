@@ -4,6 +4,13 @@ Loading builds the model on the meta device and streams each tensor from the mem
 its final dtype and device, so a model is never materialised twice. Per-expert tensors
 (`mlp.experts.{e}.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.{e}.w1.weight`, ...) are copied into the
 stacked `experts.gate_up_proj` / `experts.down_proj` parameters as they arrive.
+
+Quantized checkpoints (config.json `quantization_config`):
+  quant_method "mixr"  written by `mixr quantize`: packed `<linear>.qweight/.scales[/.zeros]` and stacked
+                       `mlp.experts.gate_up_proj.qweight/...`, loaded into QuantLinear / QuantExperts modules.
+  quant_method "fp8"   DeepSeek-V3/R1's float8_e4m3fn weights with block `weight_scale_inv` tensors: dequantized
+                       to the load dtype as they arrive (per expert, before stacking), or kept as Fp8Linear
+                       modules with quantization="fp8".
 """
 
 import json
@@ -16,8 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from mixr.layers.moe import Experts
 from mixr.models import config_from_hf
 from mixr.models.base import CausalLM
+from mixr.quant.fp8 import dequantize_fp8
+from mixr.quant.modules import Fp8Linear
+from mixr.quant.quantize import auto_group_size, empty_quant_module, quantize_model, replace_module
+from mixr.quant.rtn import QuantSpec
 
 
 class CheckpointError(ValueError):
@@ -30,6 +42,8 @@ _EXPERT_SLOT = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up
                 "w3": ("gate_up_proj", 1), "down_proj": ("down_proj", None), "w2": ("down_proj", None)}
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+QUANTIZATIONS = ("int8", "int4", "fp8")
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -106,6 +120,61 @@ def _skip(name: str, num_layers: int) -> bool:
     return m is not None and int(m.group(1)) >= num_layers
 
 
+def quantization_config(hf: dict, model_dir: str | Path) -> dict | None:
+    """config.json's quantization_config, checked: quant_method "mixr" (a valid format) or "fp8" (e4m3 blocks)."""
+    qc = hf.get("quantization_config")
+    if qc is None:
+        return None
+    where = f"{Path(model_dir) / 'config.json'}: quantization_config"
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{where} is not an object")
+    method = qc.get("quant_method")
+    if method == "mixr":
+        try:
+            QuantSpec(qc.get("bits"), qc.get("group_size"), bool(qc.get("zero_point", False)))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+    elif method == "fp8":
+        if qc.get("fmt", "e4m3") != "e4m3":
+            raise CheckpointError(f"{where}: fmt {qc['fmt']!r} is not supported (e4m3)")
+        if qc.get("activation_scheme", "dynamic") != "dynamic":
+            raise CheckpointError(f"{where}: activation_scheme {qc['activation_scheme']!r} is not supported (dynamic)")
+        block = qc.get("weight_block_size", [128, 128])
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise CheckpointError(f"{where}: weight_block_size must be two positive integers, got {block!r}")
+    else:
+        raise CheckpointError(f"{where}: quant_method {method!r} is not supported (mixr, fp8)")
+    return qc
+
+
+def _swap_quantized_modules(model: CausalLM, files: dict, qc: dict, fp8_native: bool, dtype: torch.dtype) -> None:
+    """Replace the meta-device modules whose checkpoint tensors are quantized: QuantLinear / QuantExperts where
+    the checkpoint has `.qweight` keys, Fp8Linear where it has `.weight_scale_inv` (fp8_native)."""
+    spec = QuantSpec(qc["bits"], qc.get("group_size"), bool(qc.get("zero_point"))) if qc["quant_method"] == "mixr" \
+        else None
+    for name, m in list(model.model.layers.named_modules(prefix="model.layers")):
+        if spec is not None and (f"{name}.qweight" in files or f"{name}.gate_up_proj.qweight" in files) \
+                and isinstance(m, (nn.Linear, Experts)):
+            try:
+                replace_module(model, name, empty_quant_module(m, spec, dtype, "meta", name))
+            except ValueError as e:
+                raise CheckpointError(f"{e} (quantization_config group_size)") from None
+        elif fp8_native and isinstance(m, nn.Linear) and f"{name}.weight_scale_inv" in files \
+                and not name.endswith("kv_b_proj"):  # MLA's absorbed decode reads kv_b_proj as a dense matrix
+            replace_module(model, name, Fp8Linear(m.in_features, m.out_features, m.bias is not None, dtype, "meta",
+                                            tuple(qc.get("weight_block_size", (128, 128)))))
+
+
+def _load_dtype(target: str, ref: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """Floating tensors load in `dtype`; packed integers, FP8 weights, their float32 block scales and DeepSeek-V3's
+    float32 correction bias keep the dtype of the module's own buffer."""
+    if ref.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return ref.dtype
+    if target.endswith(("correction_bias", "weight_scale_inv")):
+        return ref.dtype
+    return dtype
+
+
 def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -116,10 +185,26 @@ def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None, progress: bool = True) -> CausalLM:
-    """Build the model for config.json on the meta device and load its safetensors weights onto `device`."""
+               dtype: str | torch.dtype | None = None, progress: bool = True,
+               quantization: str | None = None) -> CausalLM:
+    """Build the model for config.json on the meta device and load its safetensors weights onto `device`.
+
+    quantization: None loads the checkpoint as stored (a `mixr quantize` directory into its quantized modules;
+    an FP8 checkpoint dequantized to `dtype`). "int8" / "int4" quantize a full-precision checkpoint on load
+    (round-to-nearest; int4 symmetric with the largest group size of 128/64/32 that fits every layer).
+    "fp8" keeps an FP8 checkpoint's weights in FP8 (Fp8Linear; routed experts are still dequantized)."""
     model_dir = Path(model_dir)
     hf = read_config(model_dir)
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"unsupported quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    qc = quantization_config(hf, model_dir)
+    method = qc["quant_method"] if qc else None
+    if quantization in ("int8", "int4") and qc is not None:
+        raise CheckpointError(f"{model_dir} is already quantized (quantization_config.quant_method {method!r}); "
+                              f"load it without quantization={quantization!r}")
+    if quantization == "fp8" and method != "fp8":
+        raise CheckpointError(f"quantization='fp8' runs checkpoints stored in FP8 (quantization_config.quant_method "
+                              f"'fp8', as DeepSeek-V3/R1 ship); {model_dir} is not one: use 'int8' or 'int4'")
     try:
         config = config_from_hf(hf)
     except (KeyError, TypeError, ValueError) as e:
@@ -127,8 +212,14 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     dtype = resolve_dtype(dtype, hf)
     with torch.device("meta"):
         model = config.build()
-    expected = dict(model.named_parameters()) | dict(model.named_buffers())
     files = _shards(model_dir)
+    fp8_block = tuple(qc.get("weight_block_size", (128, 128))) if method == "fp8" else None
+    if qc is not None:
+        _swap_quantized_modules(model, files, qc, quantization == "fp8", dtype)
+    if method == "fp8" and quantization != "fp8":  # dequantized: what is loaded is a plain checkpoint
+        config.hf = {k: v for k, v in hf.items() if k != "quantization_config"}
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    handles: dict[Path, object] = {}
     stacked: dict[str, torch.Tensor] = {}
     filled: dict[str, set] = {}
     loaded: set[str] = set()
@@ -138,22 +229,38 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
         by_file.setdefault(f, []).append(name)
     bar = tqdm(total=len(files), desc="Loading weights", unit="tensor",
                disable=not progress or len(by_file) < 2)
+
+    def read(name: str, path: Path) -> torch.Tensor:
+        if path not in handles:
+            handles[path] = _open(path)
+        try:
+            return handles[path].get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from None
+
     for path, names in sorted(by_file.items()):
-        handle = _open(path)
         for name in names:
             bar.update()
             if _skip(name, config.num_hidden_layers):
                 continue
             target, expert, half = _target(name, config.model_type)
             if target not in expected:
-                unexpected.append(name)
+                if not name.endswith(".weight_scale_inv"):  # else read with its weight, dequantized below
+                    unexpected.append(name)
                 continue
-            try:
-                tensor = handle.get_tensor(name)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from None
+            tensor = read(name, path)
             ref = expected[target]
-            want_dtype = ref.dtype if ref.dtype == torch.float32 and target.endswith("correction_bias") else dtype
+            if tensor.dtype in _FLOAT8 and ref.dtype not in _FLOAT8:
+                scale_name = name.removesuffix("weight") + "weight_scale_inv"
+                if scale_name not in files:
+                    raise CheckpointError(f"{name} in {path.name} is {tensor.dtype} but its block scales "
+                                          f"{scale_name} are not in {model_dir}")
+                try:
+                    tensor = dequantize_fp8(tensor, read(scale_name, files[scale_name]), fp8_block or (128, 128),
+                                            torch.float32)
+                except ValueError as e:
+                    raise CheckpointError(f"{scale_name}: {e}") from None
+            want_dtype = _load_dtype(target, ref, dtype)
             if expert is None:
                 if tuple(tensor.shape) != tuple(ref.shape):
                     raise CheckpointError(f"{name} in {path.name} has shape {tuple(tensor.shape)}, "
@@ -174,6 +281,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
             dest.copy_(tensor)
             filled[target].add((expert, half))
     bar.close()
+    handles.clear()
     for target, t in stacked.items():
         num_experts = t.shape[0]
         halves = (0, 1) if target.endswith("gate_up_proj") else (None,)
@@ -200,6 +308,12 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
         for key, buf in module._buffers.items():
             if buf is not None and buf.device != torch.device(device):
                 module._buffers[key] = buf.to(device)
+    if quantization in ("int8", "int4"):
+        bits = int(quantization[3:])
+        try:
+            quantize_model(model, "rtn", bits, auto_group_size(model) if bits == 4 else None)
+        except ValueError as e:
+            raise CheckpointError(f"{model_dir}: cannot quantize to {quantization}: {e}") from None
     return model
 
 
@@ -234,7 +348,7 @@ def save_model(model: CausalLM, out_dir: str | Path, max_shard_bytes: int | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu() for k, v in state_dict_for_hf(model).items()}
-    dtype = next(iter(tensors.values())).dtype
+    dtype = model.lm_head.weight.dtype  # quantized checkpoints hold integer tensors too; this is the model's
     hf = dict(model.config.hf)
     hf["dtype"] = str(dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
