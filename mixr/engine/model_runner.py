@@ -14,13 +14,14 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
-                 kv_cache_bytes: int | None = None, cuda_graphs: bool = True):
+                 kv_cache_bytes: int | None = None, cuda_graphs: bool = True, kv_cache_dtype: str = "auto"):
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
+        self.kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else self.dtype
         shapes = model.config.cache_shapes()
         num_layers = len(model.model.layers)
-        self.kv_bytes_per_token = PagedCache.bytes_per_token(num_layers, shapes, self.dtype)
+        self.kv_bytes_per_token = PagedCache.bytes_per_token(num_layers, shapes, self.kv_dtype)
         if kv_cache_bytes is not None:
             budget = kv_cache_bytes
         else:
@@ -32,7 +33,8 @@ class ModelRunner:
         if self.num_blocks < 1:
             raise MemoryError(f"no memory left for the KV cache (budget {budget / 2**20:.0f} MiB, "
                               f"{self.kv_bytes_per_token * block_size} bytes per block)")
-        self.cache = PagedCache(num_layers, self.num_blocks, block_size, shapes, self.dtype, self.device)
+        self.cache = PagedCache(num_layers, self.num_blocks, block_size, shapes, self.dtype, self.device,
+                                kv_dtype=self.kv_dtype)
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # Graphs need a forward with no host sync: the Triton kernels, which run for bf16/fp16 only.

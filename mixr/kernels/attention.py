@@ -9,6 +9,10 @@ query heads of that kv head (for MLA all 16 heads share the one KV head, so each
 them), and keeps an online softmax in fp32. With several splits, a second kernel merges the partial results by their
 log-sum-exp. The grid comes from shapes alone (never from context_lens), so there is no host sync and a CUDA graph
 can capture it; `max_context_len`, a host-side bound, only sizes the splits.
+
+FP8 cache: k_cache/v_cache may be float8_e4m3fn holding K/kv_scale and V/kv_scale (one per-tensor scale). The
+kernel loads the e4m3 tiles (half the bytes) and converts them to q's dtype in registers; kv_scale is folded into
+the softmax scale and the output. The reference dequantizes the gathered rows.
 """
 
 import math
@@ -41,9 +45,10 @@ def _check(q, k_cache, v_cache, block_tables, context_lens) -> tuple[int, int, i
     if block_tables.dtype not in (torch.int32, torch.int64) or context_lens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"block_tables and context_lens must be integer tensors, got {block_tables.dtype}, "
                         f"{context_lens.dtype}")
-    if not q.is_floating_point() or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q, k_cache and v_cache must share one floating dtype; got {q.dtype}, {k_cache.dtype}, "
-                        f"{v_cache.dtype}")
+    if (not q.is_floating_point() or k_cache.dtype != v_cache.dtype
+            or k_cache.dtype not in (q.dtype, torch.float8_e4m3fn)):
+        raise TypeError(f"q, k_cache and v_cache must share one floating dtype (or the caches float8_e4m3fn); got "
+                        f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
@@ -52,10 +57,11 @@ def _check(q, k_cache, v_cache, block_tables, context_lens) -> tuple[int, int, i
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               max_context_len: int | None = None) -> torch.Tensor:
+                               max_context_len: int | None = None, kv_scale: float = 1.0) -> torch.Tensor:
     """Plain PyTorch: gather each sequence's tokens through its block table, mask past its length, softmax in fp32.
 
-    No host sync, so it also serves (slowly) on a GPU; empty contexts give zeros.
+    No host sync, so it also serves (slowly) on a GPU; empty contexts give zeros. FP8 caches are multiplied by
+    kv_scale after the gather.
     """
     B, Hq, Hkv, Dk, Dv, bs = _check(q, k_cache, v_cache, block_tables, context_lens)
     S = block_tables.shape[1] * bs
@@ -63,16 +69,18 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         S = min(S, max_context_len)
     pos = torch.arange(S, device=q.device)
     pages = block_tables[:, pos // bs].long()  # (B, S); entries past a sequence's blocks may be anything valid
-    k = k_cache[pages, pos % bs]  # (B, S, Hkv, Dk)
-    v = v_cache[pages, pos % bs]  # (B, S, Hkv, Dv)
+    k = k_cache[pages, pos % bs].float()  # (B, S, Hkv, Dk)
+    v = v_cache[pages, pos % bs].float()  # (B, S, Hkv, Dv)
+    if kv_scale != 1.0:
+        k, v = k * kv_scale, v * kv_scale
     valid = pos[None, :] < context_lens[:, None]  # (B, S)
     v = v.masked_fill(~valid[:, :, None, None], 0)  # stale slots may hold anything, NaN included
     G = Hq // Hkv
     qg = q.float().reshape(B, Hkv, G, Dk)
-    scores = torch.einsum("bhgd,bshd->bhgs", qg, k.float()) * scale  # (B, Hkv, G, S)
+    scores = torch.einsum("bhgd,bshd->bhgs", qg, k) * scale  # (B, Hkv, G, S)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = scores.softmax(-1).nan_to_num(0.0)  # an empty context softmaxes all -inf to NaN: make it zeros
-    out = torch.einsum("bhgs,bshd->bhgd", p, v.float())  # (B, Hkv, G, Dv)
+    out = torch.einsum("bhgs,bshd->bhgd", p, v)  # (B, Hkv, G, Dv)
     return out.reshape(B, Hq, Dv).to(q.dtype)
 
 
@@ -82,7 +90,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["num_splits", "split_len", "stride_btb"])
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-        qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
+        qk_scale,  # softmax scale * kv_scale * log2(e): the softmax runs in base 2
+        v_scale,   # kv_scale: V's dequantization, applied to the output
         stride_qb, stride_qh, stride_qd,
         stride_kn, stride_kt, stride_kh, stride_kd,
         stride_vn, stride_vt, stride_vh, stride_vd,
@@ -98,6 +107,7 @@ if HAS_TRITON:
         V_IS_K: tl.constexpr,      # v is the first DV == D1 columns of k: reuse the K tile instead of loading again
         BLOCK_N: tl.constexpr,     # tokens per tile
         ONE_SPLIT: tl.constexpr,   # a single split: normalise and write the output directly
+        KV_FP8: tl.constexpr,      # e4m3 cache: convert each tile to q's dtype after the load
     ):
         b = tl.program_id(0)
         g = tl.program_id(1) // HEAD_BLOCKS  # kv head
@@ -136,10 +146,14 @@ if HAS_TRITON:
             page = tl.load(bt_row + (t // PAGE) * stride_btn, mask=t_mask, other=0).to(tl.int64)
             k_row = k_ptr + page * stride_kn + (t % PAGE) * stride_kt + g * stride_kh  # (BLOCK_N,) row starts
             k1 = tl.load(k_row[:, None] + offs_d1[None, :] * stride_kd, mask=t_mask[:, None], other=0.0)
+            if KV_FP8:
+                k1 = k1.to(q1.dtype)
             scores = tl.dot(q1, tl.trans(k1))  # (BLOCK_H, BLOCK_N) fp32
             if D2 > 0:
                 k2 = tl.load(k_row[:, None] + offs_d2[None, :] * stride_kd,
                              mask=t_mask[:, None] & (offs_d2 < DK)[None, :], other=0.0)
+                if KV_FP8:
+                    k2 = k2.to(q2.dtype)
                 scores = tl.dot(q2, tl.trans(k2), scores)
             # Every tile starts before `end`, so each row has a finite max after the first tile: no NaN.
             scores = tl.where(t_mask[None, :], scores * qk_scale, float("-inf"))
@@ -153,10 +167,13 @@ if HAS_TRITON:
                 v_row = v_ptr + page * stride_vn + (t % PAGE) * stride_vt + g * stride_vh
                 v = tl.load(v_row[:, None] + offs_dv[None, :] * stride_vd, mask=t_mask[:, None] & dv_mask[None, :],
                             other=0.0)  # (BLOCK_N, BLOCK_DV)
+                if KV_FP8:
+                    v = v.to(q1.dtype)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
 
         o_mask = h_mask[:, None] & dv_mask[None, :]
+        acc = acc * v_scale
         if ONE_SPLIT:
             tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :] * stride_od,
                      (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -227,7 +244,7 @@ def split_plan(programs: int, max_ctx: int, block_n: int, target: int, min_split
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, *, max_context_len: int | None = None,
-                           config: dict | None = None) -> torch.Tensor:
+                           config: dict | None = None, kv_scale: float = 1.0) -> torch.Tensor:
     """q (B, Hq, Dk), k_cache (num_blocks, block_size, Hkv, Dk), v_cache (num_blocks, block_size, Hkv, Dv) (any
     strides: it may be a view of k_cache), block_tables (B, max_blocks) int32, context_lens (B,) int32 -> (B, Hq, Dv).
 
@@ -235,10 +252,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     optional host-side bound on context_lens, sizes the split-K grid (default: what the block tables can hold);
     context lengths are not range-checked on the device. On CUDA with Triton and bf16/fp16 this runs the Triton
     kernels with no host sync; otherwise `paged_decode_attention_ref`. `config` overrides ATTN_CONFIGS (for tuning).
+    The caches may be float8_e4m3fn (with q bf16/fp16/fp32) holding K/kv_scale and V/kv_scale.
     """
     B, Hq, Hkv, Dk, Dv, bs = _check(q, k_cache, v_cache, block_tables, context_lens)
     if not (HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
-        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
+        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len,
+                                          kv_scale)
     if Dk < 16 or Dv < 16:
         raise ValueError(f"head dims must be at least 16 for the tensor-core path, got Dk={Dk}, Dv={Dv}")
     max_ctx = block_tables.shape[1] * bs
@@ -246,10 +265,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_ctx = min(max_ctx, max_context_len)
     cfg = config or ATTN_CONFIGS["mla" if Hkv == 1 and Dk > 256 else "gqa"]
     return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, max_ctx, cfg,
-                                _sm_count(q.device))
+                                _sm_count(q.device), kv_scale)
 
 
-def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, max_ctx, cfg, sm_count):
+def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, max_ctx, cfg, sm_count,
+                         kv_scale=1.0):
     (B, Hq, Dk), (_, bs, Hkv, _), Dv = q.shape, k_cache.shape, v_cache.shape[3]
     out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
     if B == 0:
@@ -273,11 +293,12 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
     block_dv = triton.next_power_of_2(Dv)
     _paged_decode_kernel[(B, Hkv * head_blocks, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_lse,
-        scale * math.log2(math.e),
+        scale * kv_scale * math.log2(math.e), kv_scale,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         num_splits, split_len, Hq,
         GROUP=group, BLOCK_H=block_h, HEAD_BLOCKS=head_blocks, PAGE=bs, DK=Dk, D1=d1, D2=d2,
         DV=Dv, BLOCK_DV=block_dv, V_IS_K=v_is_k, BLOCK_N=block_n, ONE_SPLIT=one,
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not one:
         _paged_decode_merge_kernel[(B, Hq)](

@@ -14,6 +14,12 @@ CUDA path (bf16/fp16, Triton), no host sync anywhere, so a CUDA graph can captur
       gate and up together with silu(g) * u in the epilogue -> act (T*k, I); (c) grouped GEMM for down with the
       routing weight multiplied in the epilogue -> (T*k, H); (d) a reshape + sum over k.
 Everything else (CPU, fp32, no Triton) runs `fused_moe_ref`.
+
+A pair with expert id -1 is skipped by every path (its weight is ignored): dynamic routing drops experts that
+way, and expert offload runs the resident experts' pairs only. Such pairs cost no weight reads.
+
+`fused_moe_quant` is the same computation on packed int4/int8 experts (the format of mixr.kernels.quant_gemm):
+the same two paths, with the weight tiles dequantized inside the K loops by quant_gemm's jit helpers.
 """
 
 import torch
@@ -26,6 +32,11 @@ except ImportError:  # CPU-only installs: the reference path serves
     triton = None
 
 HAS_TRITON = triton is not None
+
+from mixr.kernels.quant_gemm import check_packed, dequantize  # noqa: E402
+
+if HAS_TRITON:
+    from mixr.kernels.quant_gemm import qgemv_rows, qmm_loop  # jit helpers of the quantized experts
 
 # Tile configs by (H, I) of the expert, then by batch: the first entry whose max_T >= T is used.
 #   gemv: small-batch path. UP_N/UP_K tile the gate+up GEMV, DOWN_N/DOWN_K the down GEMV; FUSE_K sums over k
@@ -102,25 +113,31 @@ def _check(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids:
 
 def fused_moe_ref(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch fused_moe: a loop over the experts that were chosen (one host sync for their counts)."""
+    """Plain-PyTorch fused_moe: a loop over the experts that were chosen (one host sync for their counts).
+    Pairs with id -1 are skipped."""
     T, H, E, I, k = _check(x, gate_up, down, topk_ids, topk_weights)
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     flat = topk_ids.flatten().long()
-    order = flat.argsort(stable=True)  # pair indices t*k + j grouped by expert
-    counts = torch.bincount(flat, minlength=E).tolist()
-    if len(counts) > E:
-        raise ValueError(f"topk_ids holds expert {len(counts) - 1}, but there are only {E} experts")
+    order = flat.argsort(stable=True)  # pair indices t*k + j grouped by expert, the skipped (-1) ones first
+    if flat.numel() and flat.min() < -1:
+        raise ValueError(f"topk_ids holds {flat.min().item()}; ids are 0..{E - 1}, or -1 for a skipped pair")
+    counts = torch.bincount(flat + 1, minlength=E + 1).tolist()  # counts[0]: skipped pairs
+    if len(counts) > E + 1:
+        raise ValueError(f"topk_ids holds expert {len(counts) - 2}, but there are only {E} experts")
     w = topk_weights.flatten()
-    start = 0
+    start = counts.pop(0)
+    # unbind, not gate_up[e]: indexing in the loop makes autograd build a zero gradient the size of the whole stack
+    # for every expert (a V2-Lite layer at 4096 tokens, H100: 214 ms fwd+bwd vs 56 ms); unbind's backward stacks once.
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
     for e, n in enumerate(counts):
         if n == 0:
             continue
         pairs = order[start:start + n]
         start += n
         tok = pairs // k
-        gate, up = F.linear(x[tok], gate_up[e]).float().chunk(2, dim=-1)
+        gate, up = F.linear(x[tok], gate_ups[e]).float().chunk(2, dim=-1)
         act = (F.silu(gate) * up).to(x.dtype)  # the kernels round the activation to x's dtype too
-        out.index_add_(0, tok, F.linear(act, down[e]).float() * w[pairs, None])
+        out.index_add_(0, tok, F.linear(act, downs[e]).float() * w[pairs, None])
     return out.to(x.dtype)
 
 
@@ -182,7 +199,7 @@ if HAS_TRITON:
         rank = tl.cumsum(hit.to(tl.int32), 0) - 1  # rank of each pair among this chunk's pairs of its expert
         base = tl.load(offsets_ptr + c * E_P2 + tl.arange(0, E_P2))
         pos = tl.sum(tl.where(hit, rank + base[None, :], 0), 1)  # (CHUNK,)
-        tl.store(sorted_ids_ptr + pos, offs.to(tl.int32), mask=offs < n)
+        tl.store(sorted_ids_ptr + pos, offs.to(tl.int32), mask=(offs < n) & (ids >= 0))  # -1 pairs go nowhere
 
     # ---------------------------------------------------------------- grouped GEMM over the aligned pairs
     @triton.jit(do_not_specialize=["n_pairs", "max_blocks_m", "a_row_div"])
@@ -258,6 +275,8 @@ if HAS_TRITON:
         pid_n = tl.program_id(1)
         t = p // top_k
         e = tl.load(ids_ptr + p).to(tl.int64)
+        if e < 0:
+            return  # a skipped pair: its act row is never read
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # Loads wrap the row index instead of masking it, and the main loop runs over whole BLOCK_K tiles with no K
         # mask: a mask that varies along K turns the 16-byte vector loads into 2-byte ones. A masked tail follows
@@ -302,20 +321,34 @@ if HAS_TRITON:
         for j in range(pairs_per_prog):
             p = r * pairs_per_prog + j
             e = tl.load(ids_ptr + p).to(tl.int64)
-            w_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
-            a_ptrs = act_ptr + p * I + offs_k
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, I - I % BLOCK_K, BLOCK_K):  # whole tiles unmasked, then the tail (as above)
-                a = tl.load(a_ptrs).to(tl.float32)
-                acc += tl.sum(tl.load(w_ptrs).to(tl.float32) * a[None, :], 1)
-                a_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K * stride_wk
-            if not EVEN_K:
-                k_mask = offs_k < I % BLOCK_K
-                a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-                acc += tl.sum(tl.load(w_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32) * a[None, :], 1)
-            out += tl.load(topk_w_ptr + p) * acc
+            if e >= 0:  # skipped pairs (-1) add nothing and read no weights
+                w_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+                a_ptrs = act_ptr + p * I + offs_k
+                acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for k0 in range(0, I - I % BLOCK_K, BLOCK_K):  # whole tiles unmasked, then the tail (as above)
+                    a = tl.load(a_ptrs).to(tl.float32)
+                    acc += tl.sum(tl.load(w_ptrs).to(tl.float32) * a[None, :], 1)
+                    a_ptrs += BLOCK_K
+                    w_ptrs += BLOCK_K * stride_wk
+                if not EVEN_K:
+                    k_mask = offs_k < I % BLOCK_K
+                    a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+                    acc += tl.sum(tl.load(w_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32) * a[None, :], 1)
+                out += tl.load(topk_w_ptr + p) * acc
         tl.store(out_ptr + r * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < H)
+
+    @triton.jit(do_not_specialize=["top_k"])
+    def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, H, top_k, BLOCK_N: tl.constexpr):
+        # out[t] = sum over j of y[t*top_k + j] where ids[t, j] >= 0: the grouped GEMM never writes the rows of
+        # skipped pairs, so they must not be read (y is not zero-filled: that would cost a pass over it).
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in range(top_k):
+            p = t * top_k + j
+            if tl.load(ids_ptr + p) >= 0:
+                acc += tl.load(y_ptr + p.to(tl.int64) * H + offs, mask=offs < H, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
@@ -387,7 +420,9 @@ def _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg):
         GATE_UP=False, MUL_WEIGHT=True, EVEN_K=I % dn["BLOCK_K"] == 0,
         BLOCK_M=bm, BLOCK_N=dn["BLOCK_N"], BLOCK_K=dn["BLOCK_K"], GROUP_M=dn["GROUP_M"],
         num_warps=dn["num_warps"], num_stages=dn["num_stages"])
-    return y.view(T, k, H).sum(1)  # sums in fp32, rounds once
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    _moe_sum_kernel[(T, triton.cdiv(H, 1024))](y, ids, out, H, k, BLOCK_N=1024, num_warps=4)  # fp32, rounds once
+    return out
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
@@ -414,3 +449,224 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_i
     if cfg["path"] == "gemv":
         return _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg)
     return _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------- quantized experts
+# (qweight, scales, zeros or None) of stacked experts, in the format of mixr.kernels.quant_gemm
+QuantTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _check_quant(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantTensors, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, bits: int) -> tuple[int, int, int, int, int, int, int]:
+    """Returns T, H, E, I, k and the group sizes of gate_up and down."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"expected x (T, H) floating, got {x.dtype} {tuple(x.shape)}")
+    if len(gate_up_q) != 3 or len(down_q) != 3:
+        raise ValueError("gate_up_q and down_q must be (qweight, scales, zeros or None)")
+    if gate_up_q[0].dim() != 3 or down_q[0].dim() != 3:
+        raise ValueError(f"expected stacked qweights (E, N, K'); got {tuple(gate_up_q[0].shape)}, "
+                         f"{tuple(down_q[0].shape)}")
+    T, H = x.shape
+    E = gate_up_q[0].shape[0]
+    two_i, _, g_up = check_packed(*gate_up_q, bits, H)
+    H2, I, g_down = check_packed(*down_q, bits)
+    if two_i != 2 * I or H2 != H or down_q[0].shape[0] != E:
+        raise ValueError(f"shape mismatch: x (T={T}, H={H}); gate_up holds {tuple(gate_up_q[0].shape[:2])} rows "
+                         f"(must be (E, 2I)), down {down_q[0].shape[0]} x {H2} x I={I} (must be (E, H, I))")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                         f"must both be (T={T}, k)")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"topk_weights must be float32, got {topk_weights.dtype}")
+    tensors = [x, topk_ids, topk_weights, *(t for t in (*gate_up_q, *down_q) if t is not None)]
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    return T, H, E, I, topk_ids.shape[1], g_up, g_down
+
+
+def fused_moe_quant_ref(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantTensors, topk_ids: torch.Tensor,
+                        topk_weights: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dequantize the experts that were chosen to x's dtype, then `fused_moe_ref` (host syncs)."""
+    T, H, E, I, k, _, _ = _check_quant(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
+    used = topk_ids[topk_ids >= 0].unique()  # sorted
+    if used.numel() and used[-1] >= E:
+        raise ValueError(f"topk_ids holds expert {used[-1].item()}, but there are only {E} experts")
+    ids = torch.where(topk_ids >= 0, torch.searchsorted(used, topk_ids.clamp_min(0).contiguous()), -1)
+
+    def deq(q: QuantTensors) -> torch.Tensor:
+        return dequantize(q[0][used], q[1][used], None if q[2] is None else q[2][used], bits, x.dtype)
+
+    return fused_moe_ref(x, deq(gate_up_q), deq(down_q), ids.to(topk_ids.dtype), topk_weights)
+
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["top_k"])
+    def _moe_qgemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H, I, top_k,
+                                  stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
+                                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # act[p, n] = silu(gate[e] x[t]) * (up[e] x[t]) for pair p = t*top_k + j
+        p = tl.program_id(0)
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        if e < 0:
+            return  # a skipped pair: its act row is never read
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # One pass over 2*BLOCK_N rows, the tile's gate rows then its up rows: twice the bytes in flight per step
+        # and x loaded once. Rows wrap instead of being masked (dropped at the store).
+        r = tl.arange(0, 2 * BLOCK_N)
+        rows = ((tl.program_id(1) * BLOCK_N + r % BLOCK_N) % I + (r // BLOCK_N) * I).to(tl.int64)
+        gu = qgemv_rows(x_ptr + (p // top_k) * stride_xm, w_ptr + e * stride_we, s_ptr + e * stride_se,
+                        z_ptr + e * stride_ze, rows, stride_wn, stride_sn, stride_zn, 0, H, BITS, GROUP, HAS_Z,
+                        2 * BLOCK_N, BLOCK_K)
+        g, u = tl.split(tl.trans(tl.reshape(gu, (2, BLOCK_N))))
+        tl.store(act_ptr + p * I + offs_n, (g * tl.sigmoid(g) * u).to(act_ptr.dtype.element_ty), mask=offs_n < I)
+
+    @triton.jit
+    def _moe_qgemv_down_kernel(act_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, topk_w_ptr, y_ptr, H, I,
+                               stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
+                               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # y[p, n] = w[p] * down[e] act[p] (zeros for a skipped pair, so the sum over k may read every row)
+        p = tl.program_id(0)
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (offs_n % H).to(tl.int64)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        if e >= 0:
+            acc = qgemv_rows(act_ptr + p * I, w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_ze,
+                             rows, stride_wn, stride_sn, stride_zn, 0, I, BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K)
+            acc = acc * tl.load(topk_w_ptr + p)
+        tl.store(y_ptr + p * H + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < H)
+
+    @triton.jit(do_not_specialize=["n_pairs", "max_blocks_m", "a_row_div"])
+    def _moe_qgemm_kernel(
+        a_ptr, w_ptr, s_ptr, z_ptr, c_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, num_blocks_ptr,
+        N, K, n_pairs, max_blocks_m,
+        a_row_div,  # top_k when A's rows are tokens (gate+up), 1 when they are pairs (down)
+        stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn, stride_cm,
+        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
+        GATE_UP: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        # _moe_gemm_kernel with the expert's weight tiles dequantized in the K loop (qmm_loop)
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_pid_n
+        first_m = (pid // in_group) * GROUP_M
+        group_m = tl.minimum(max_blocks_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % group_m
+        pid_n = (pid % in_group) // group_m
+        if pid_m >= tl.load(num_blocks_ptr):
+            return
+        pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # sentinel n_pairs in padding
+        row_mask = pairs < n_pairs
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        rows = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+        a_rows = a_ptr + (pairs // a_row_div).to(tl.int64) * stride_am
+        w, s, z = w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_ze
+        acc = qmm_loop(a_rows, row_mask, w, s, z, rows, stride_wn, stride_sn, stride_zn, 0, K,
+                       tl.zeros((BLOCK_M, BLOCK_N), tl.float32), BITS, GROUP, HAS_Z, BLOCK_K)
+        if GATE_UP:
+            up = qmm_loop(a_rows, row_mask, w, s, z, rows + N, stride_wn, stride_sn, stride_zn, 0, K,
+                          tl.zeros((BLOCK_M, BLOCK_N), tl.float32), BITS, GROUP, HAS_Z, BLOCK_K)
+            acc = acc * tl.sigmoid(acc) * up
+        if MUL_WEIGHT:
+            acc = acc * tl.load(topk_w_ptr + pairs, mask=row_mask, other=0.0)[:, None]
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (cols < N)[None, :])
+
+
+# gemv: UP_N/UP_K and DOWN_N/DOWN_K tile the two GEMVs (int4: K tiles are whole groups); gemm: BLOCK_M and per GEMM
+# BLOCK_N, BLOCK_K (int8 only: int4 steps one group), GROUP_M, num_warps, num_stages. bench/bench_quant_kernels.py.
+def _qgemv(up_n, up_k, down_n, down_k, warps=4):
+    return dict(path="gemv", UP_N=up_n, UP_K=up_k, DOWN_N=down_n, DOWN_K=down_k, num_warps=warps)
+
+
+def _qgemm(bm, up, down):
+    keys = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+    return dict(path="gemm", BLOCK_M=bm, up=dict(zip(keys, up)), down=dict(zip(keys, down)))
+
+
+def moe_quant_config(T: int, H: int, I: int, bits: int) -> dict:
+    if T <= 8:
+        return _qgemv(16, 256, 32, 256)
+    if T <= 32:
+        return (_qgemm(16, (128, 128, 1, 4, 3), (128, 128, 1, 4, 3)) if bits == 4 else
+                _qgemm(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4)))
+    if T <= 256:
+        return _qgemm(32, (128, 128, 1, 4, 3), (128, 128, 1, 4, 3))
+    return _qgemm(64, (128, 128, 8, 8, 3), (128, 128, 8, 8, 3))
+
+
+def fused_moe_quant_triton(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantTensors, topk_ids: torch.Tensor,
+                           topk_weights: torch.Tensor, bits: int, config: dict | None = None) -> torch.Tensor:
+    """The Triton path of fused_moe_quant; callable directly (tests run it under the Triton interpreter)."""
+    T, H, E, I, k, g_up, g_down = _check_quant(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
+    if T == 0:
+        return x.new_empty(0, H)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    for t in (*gate_up_q, *down_q):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError("expert qweights, scales and zeros must be contiguous along their last dimension")
+    ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
+    cfg = config or moe_quant_config(T, H, I, bits)
+    n = T * k
+
+    def operands(q: QuantTensors):
+        qw, s, z = q
+        z = s if z is None else z  # never read without HAS_Z
+        return (qw, s, z), (*qw.stride()[:2], *s.stride()[:2], *z.stride()[:2])
+
+    (gu, gu_strides), (dn, dn_strides) = operands(gate_up_q), operands(down_q)
+    # int8 ignores GROUP (one group a row): 0 keeps one compiled kernel for every K
+    up_common = dict(BITS=bits, GROUP=g_up if bits == 4 else 0, HAS_Z=gate_up_q[2] is not None)
+    dn_common = dict(BITS=bits, GROUP=g_down if bits == 4 else 0, HAS_Z=down_q[2] is not None)
+    act = torch.empty(n, I, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, H, dtype=x.dtype, device=x.device)  # weighted per-pair outputs
+    if cfg["path"] == "gemv":
+        if bits == 4 and (cfg["UP_K"] % g_up or cfg["DOWN_K"] % g_down):
+            raise ValueError(f"int4 UP_K/DOWN_K must be multiples of the group sizes {g_up}, {g_down}")
+        _moe_qgemv_gate_up_kernel[(n, triton.cdiv(I, cfg["UP_N"]))](
+            x, *gu, ids, act, H, I, k, x.stride(0), *gu_strides, **up_common,
+            BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], num_warps=cfg["num_warps"])
+        _moe_qgemv_down_kernel[(n, triton.cdiv(H, cfg["DOWN_N"]))](
+            act, *dn, ids, weights, y, H, I, *dn_strides, **dn_common,
+            BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], num_warps=cfg["num_warps"])
+        return y.view(T, k, H).sum(1)  # skipped pairs hold zeros; sums in fp32, rounds once
+    bm = cfg["BLOCK_M"]
+    sorted_ids, expert_ids, num_blocks = moe_align(ids, E, bm)
+    max_blocks = expert_ids.numel()
+    for (out, a, a_stride, q, strides, common, N, K, gate_up, row_div, c) in (
+            (act, x, x.stride(0), gu, gu_strides, up_common, I, H, True, k, cfg["up"]),
+            (y, act, act.stride(0), dn, dn_strides, dn_common, H, I, False, 1, cfg["down"])):
+        _moe_qgemm_kernel[(max_blocks * triton.cdiv(N, c["BLOCK_N"]),)](
+            a, *q, out, weights, sorted_ids, expert_ids, num_blocks, N, K, n, max_blocks, row_div,
+            a_stride, *strides, out.stride(0), **common, GATE_UP=gate_up, MUL_WEIGHT=not gate_up,
+            BLOCK_M=bm, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    _moe_sum_kernel[(T, triton.cdiv(H, 1024))](y, ids, out, H, k, BLOCK_N=1024, num_warps=4)  # skips -1 rows
+    return out
+
+
+def fused_moe_quant(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantTensors, topk_ids: torch.Tensor,
+                    topk_weights: torch.Tensor, bits: int, *, config: dict | None = None) -> torch.Tensor:
+    """fused_moe on packed experts: gate_up_q = (qweight (E, 2I, H // 2 or H), scales (E, 2I, H // G), zeros or None),
+    down_q likewise for (E, H, I); bits 4 or 8 (see mixr.kernels.quant_gemm for the format) -> (T, H) in x's dtype.
+
+    On CUDA with Triton and bf16/fp16 this runs the Triton kernels (no host sync); otherwise, or for int4 groups
+    that are not 32..256 (a power of two), `fused_moe_quant_ref`. `config` overrides moe_quant_config (tuning).
+    """
+    T, H, E, I, k, g_up, g_down = _check_quant(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
+    fast = HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    if bits == 4 and not {g_up, g_down} <= {32, 64, 128, 256}:
+        fast = False
+    if not fast:
+        return fused_moe_quant_ref(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
+    return fused_moe_quant_triton(x, gate_up_q, down_q, topk_ids, topk_weights, bits, config)
