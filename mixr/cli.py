@@ -1,4 +1,4 @@
-"""The `mixr` command line: generate, chat and serve."""
+"""The `mixr` command line: generate, chat, serve, train, quantize."""
 
 import argparse
 import sys
@@ -14,6 +14,7 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16, float32")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (peft format), merged on load")
 
 
 def _params(args):
@@ -22,10 +23,10 @@ def _params(args):
                           max_tokens=args.max_tokens, seed=args.seed)
 
 
-def _load(model_dir):
+def _load(model_dir, adapter=None):
     from mixr.llm import LLM
     from mixr.tiny import default_model_dir
-    return LLM(model_dir or default_model_dir(), device=None, dtype=None)
+    return LLM(model_dir or default_model_dir(), device=None, dtype=None, adapter=adapter)
 
 
 def cmd_generate(args) -> None:
@@ -33,7 +34,7 @@ def cmd_generate(args) -> None:
         model_dir, prompt = None, args.args[0]
     else:
         model_dir, prompt = args.args
-    llm = _load(model_dir)
+    llm = _load(model_dir, args.adapter)
     params = _params(args)
     for piece in llm.stream(prompt, params):
         print(piece, end="", flush=True)
@@ -41,7 +42,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    llm = _load(args.model)
+    llm = _load(args.model, args.adapter)
     params = _params(args)
     history: list[dict] = []
     if args.system:
@@ -94,6 +95,23 @@ def cmd_watermark_detect(args) -> None:
     print(json.dumps(dataclasses.asdict(d)))
 
 
+def _safety_config(args):
+    """--safety-config, with --audit-log and --watermark-key (or $MIXR_WATERMARK_KEY) over it; None: all off."""
+    import dataclasses
+    import os
+
+    from mixr.safety import SafetyConfig, WatermarkConfig
+    key = args.watermark_key or os.environ.get("MIXR_WATERMARK_KEY") or None
+    if not (args.safety_config or args.audit_log or key):
+        return None
+    cfg = SafetyConfig.from_file(args.safety_config) if args.safety_config else SafetyConfig()
+    if args.audit_log:
+        cfg.audit.log_path = args.audit_log
+    if key:
+        cfg.watermark = dataclasses.replace(cfg.watermark, key=key) if cfg.watermark else WatermarkConfig(key)
+    return cfg
+
+
 def cmd_serve(args) -> None:
     import os
     from pathlib import Path
@@ -103,24 +121,43 @@ def cmd_serve(args) -> None:
     from mixr.serve import serve
     from mixr.tiny import default_model_dir
 
+    safety = _safety_config(args)  # first: a classifier model's memory is taken before the KV cache is sized
     model_dir = Path(args.model) if args.model else default_model_dir()
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          gpu_memory_utilization=args.gpu_memory_utilization)
+                          gpu_memory_utilization=args.gpu_memory_utilization, adapter=args.adapter)
     engine = LLMEngine(model_dir, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                        config=config)
     name = args.served_model_name or model_dir.resolve().name
     serve(AsyncLLM(engine), name, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("MIXR_API_KEY") or None, max_queue=args.max_queue,
-          shutdown_timeout=args.shutdown_timeout)
+          shutdown_timeout=args.shutdown_timeout, safety=safety)
 
 
 def cmd_train(args) -> None:
     from mixr.train.config import load_config
+    from mixr.train.dpo import train_dpo
+    from mixr.train.lora import train_lora
     from mixr.train.sft import train
+    if args.mode == "grpo":  # its own settings class: mixr.train.config.GRPOConfig
+        from mixr.train.config import GRPOConfig
+        from mixr.train.grpo import train_grpo
+        train_grpo(load_config(args.config, GRPOConfig,
+                               **({"resume_from": args.resume_from} if args.resume_from else {})))
+        return
     overrides = {"mode": args.mode}
     if args.resume_from:
         overrides["resume_from"] = args.resume_from
-    train(load_config(args.config, **overrides))
+    {"lora": train_lora, "dpo": train_dpo}.get(args.mode, train)(load_config(args.config, **overrides))
+
+
+def cmd_quantize(args) -> None:
+    import json
+
+    from mixr.quant.convert import quantize_checkpoint
+    summary = quantize_checkpoint(args.model, args.out, bits=args.bits, group_size=args.group_size,
+                                  method=args.method, zero_point=args.zero_point, calib=args.calib,
+                                  device=args.device, progress=not args.quiet)
+    print(json.dumps(summary))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,8 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
     s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    s.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (peft format), merged on load")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are aborted")
+    s.add_argument("--safety-config", default=None, metavar="FILE",
+                   help="input/output filters, audit and watermark: a .toml, .yaml or .json mixr.safety.SafetyConfig")
+    s.add_argument("--audit-log", default=None, metavar="PATH", help="append a JSONL audit line per request")
+    s.add_argument("--watermark-key", default=None, metavar="KEY",
+                   help="watermark every output with this key (default: $MIXR_WATERMARK_KEY)")
     s.set_defaults(func=cmd_serve)
     w = sub.add_parser("watermark", help="text watermark tools").add_subparsers(dest="action", required=True)
     d = w.add_parser("detect", help="score a text for the green-list watermark; prints JSON")
@@ -163,11 +206,25 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--context-width", type=int, default=1)
     d.add_argument("--hashing", default="lefthash", choices=["lefthash", "minhash", "selfhash"])
     d.set_defaults(func=cmd_watermark_detect)
-    t = sub.add_parser("train", help="train a model (pretrain or SFT) from a YAML or TOML config")
-    t.add_argument("mode", choices=["pretrain", "sft"], help="pretrain: loss on every token; sft: on completions")
+    t = sub.add_parser("train", help="train a model (pretrain, SFT, LoRA, DPO) from a YAML or TOML config")
+    t.add_argument("mode", choices=["pretrain", "sft", "lora", "dpo", "grpo"],
+                   help="pretrain: loss on every token; sft: on completions; lora: sft of LoRA adapters; "
+                        "dpo: preference pairs; grpo: RL on the task suite (GRPOConfig keys)")
     t.add_argument("--config", required=True, help="a .yaml/.yml/.toml file of mixr.train.config.TrainConfig keys")
     t.add_argument("--resume-from", default=None, help="a checkpoint-<step>/ directory of an earlier run")
     t.set_defaults(func=cmd_train)
+    q = sub.add_parser("quantize", help="write an int8 / int4 weight-quantized copy of a checkpoint")
+    q.add_argument("model", metavar="MODEL_DIR")
+    q.add_argument("out", metavar="OUT_DIR")
+    q.add_argument("--bits", type=int, default=4, help="4 (group-wise) or 8 (per-channel)")
+    q.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 128)")
+    q.add_argument("--zero-point", action="store_true", help="int4 with a per-group zero point (default symmetric)")
+    q.add_argument("--method", default="rtn", help="rtn (round to nearest) or gptq (calibrated)")
+    q.add_argument("--calib", default=None, metavar="FILE.txt",
+                   help="calibration text for gptq (default: built-in task-suite text)")
+    q.add_argument("--device", default=None, help="where to quantize (default: cuda when available)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
     args = parser.parse_args(argv)
     if args.command == "generate" and len(args.args) > 2:
         parser.error("generate takes [MODEL_DIR] PROMPT; quote the prompt")

@@ -1,33 +1,46 @@
 """`LLM`: the offline API, in the style of vLLM's, on top of the engine."""
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from mixr.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from mixr.models.base import CausalLM
 from mixr.sampling import SamplingParams
+from mixr.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 
 
 class LLM:
-    """A model directory loaded for generation.
+    """A model directory loaded for generation, or an in-memory CausalLM with its tokenizer.
 
     >>> llm = LLM("path/to/hf-model")
     >>> llm.generate(["1+1="], SamplingParams(temperature=0, max_tokens=8))[0].text
+    >>> llm = LLM(policy, tokenizer=tok, dtype="bfloat16")   # a copy in bf16; policy itself if dtype matches
+    >>> llm.update_weights(policy.state_dict())              # after each optimizer step: in place, no disk
+    >>> llm = LLM("path/to/hf-model", quantization="int4")   # int8 / int4 weights on load; "fp8": FP8 checkpoints
+    >>> llm = LLM("path/to/base", adapter="path/to/lora")    # a peft-format LoRA adapter, merged on load
 
     Extra keyword arguments are EngineConfig fields (block_size, max_num_seqs, max_model_len,
-    gpu_memory_utilization, kv_cache_bytes, enable_prefix_caching, cuda_graphs, ...).
+    gpu_memory_utilization, kv_cache_bytes, enable_prefix_caching, cuda_graphs, quantization, ...), e.g.
+    moe_dynamic="top_p", moe_top_p=0.9 (a per-token number of routed experts) or expert_offload="cpu",
+    gpu_expert_budget_gb=4 (routed experts beyond the budget in CPU memory).
     """
 
-    def __init__(self, model: str | Path, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, **engine_config):
-        self.engine = LLMEngine(model, device=device, dtype=dtype, config=EngineConfig(**engine_config))
+    def __init__(self, model: str | Path | CausalLM, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, tokenizer: Tokenizer | None = None, **engine_config):
+        self.engine = LLMEngine(model, device=device, dtype=dtype, config=EngineConfig(**engine_config),
+                                tokenizer=tokenizer)
         self.model, self.tokenizer, self.device = self.engine.model, self.engine.tokenizer, self.engine.device
         self.config = self.model.config
         self._ids = itertools.count()
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy new weights into the engine's model in place and reset the prefix cache (LLMEngine.update_weights)."""
+        return self.engine.update_weights(weights)
 
     def _add(self, prompts, params, stream: bool) -> list[str]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):

@@ -1,15 +1,20 @@
 """LLMEngine: requests in, incremental outputs out. step() = schedule, run the model, sample, postprocess."""
 
+import copy
 import itertools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mixr.checkpoint import load_model
+from mixr.checkpoint import load_model, resolve_dtype
 from mixr.engine.model_runner import ModelRunner
 from mixr.engine.scheduler import Scheduler, SchedulerConfig
 from mixr.engine.sequence import Sequence
+from mixr.layers.moe import check_dynamic, set_dynamic_experts
+from mixr.models.base import CausalLM
+from mixr.offload import load_offloaded
 from mixr.sampling import SampleRequest, SamplingParams, make_generator
 from mixr.tokenizer import Tokenizer
 
@@ -28,8 +33,41 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     cuda_graphs: bool = True
+    # weight quantization on load (mixr.checkpoint.load_model): "int8", "int4" (round-to-nearest from a
+    # full-precision checkpoint) or "fp8" (keep an FP8 checkpoint's weights in FP8); None: as stored
+    quantization: str | None = None
+    # dynamic expert count per token (mixr.layers.moe): "top_p" or "entropy" over each token's moe_k_max
+    # candidates (default: the model's top_k), at least moe_k_min; None: exact top-k
+    moe_dynamic: str | None = None
+    moe_top_p: float = 1.0
+    moe_entropy_scale: float = 1.0
+    moe_k_min: int = 1
+    moe_k_max: int | None = None
+    # CPU+GPU hybrid experts (mixr.offload): "cpu" keeps routed experts in pinned CPU memory with a device cache
+    # of gpu_expert_budget_gb (1e9 bytes); decoding then runs eagerly (no CUDA graphs)
+    expert_offload: str | None = None
+    gpu_expert_budget_gb: float = 0.0
+    # a LoRA adapter directory (peft's format, mixr.train.lora), merged into the weights on load
+    adapter: str | None = None
+    # KV cache storage: "auto" (the model dtype) or "fp8" (float8_e4m3fn, per-tensor scale 1.0: mixr.kv_cache),
+    # which holds twice the tokens of a bf16 cache in the same memory
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
+        if self.adapter and (self.quantization or self.expert_offload):
+            raise ValueError("an adapter is merged into float weights: it does not combine with quantization or "
+                             "expert_offload (merge it and save the model first)")
+        check_dynamic(self.moe_dynamic, self.moe_top_p, self.moe_entropy_scale, self.moe_k_min, self.moe_k_max)
+        if self.expert_offload not in (None, "cpu"):
+            raise ValueError(f"unsupported expert_offload {self.expert_offload!r}; use 'cpu' or None")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}; use 'auto' or 'fp8'")
+        if self.gpu_expert_budget_gb < 0:
+            raise ValueError(f"gpu_expert_budget_gb must be >= 0, got {self.gpu_expert_budget_gb}")
+        if self.expert_offload and self.quantization:
+            raise ValueError("expert_offload does not combine with quantization yet")
+        if self.quantization not in (None, "int8", "int4", "fp8"):
+            raise ValueError(f"unsupported quantization {self.quantization!r}; use 'int8', 'int4' or 'fp8'")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not 1 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
@@ -144,17 +182,60 @@ class _Request:
         self.texts = [_Text(tokenizer, params, o, stream) for o in outs]
 
 
+def engine_model(model: CausalLM, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """The module an engine runs for an in-memory model: `model` itself when it already has this device and
+    dtype, else a copy with its parameters in `dtype` (buffers keep theirs, like the float32 router bias in
+    load_model), so a float32 policy under training and the engine's bf16 weights are separate tensors."""
+    weight = model.lm_head.weight
+    if weight.device == device and weight.dtype == dtype:
+        return model
+    out = copy.deepcopy(model).to(device)
+    for p in out.parameters():  # assigning .data keeps each Parameter object, so tied weights stay tied
+        p.data = p.data.to(dtype)
+    return out.requires_grad_(False)
+
+
 class LLMEngine:
-    def __init__(self, model: str | Path, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, config: EngineConfig | None = None):
+    """`model` is a model directory, or an in-memory CausalLM with its `tokenizer` (device and dtype default to
+    the module's own; see `engine_model`). `update_weights` refreshes the weights in place."""
+
+    def __init__(self, model: str | Path | CausalLM, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, config: EngineConfig | None = None,
+                 tokenizer: Tokenizer | None = None):
         self.config = config = config or EngineConfig()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(model, device=self.device, dtype=dtype).eval()
-        self.tokenizer = Tokenizer.from_dir(model)
+        if isinstance(model, CausalLM):
+            if config.adapter:
+                raise ValueError("adapter applies to a model directory; merge it into an in-memory model yourself")
+            if config.expert_offload:
+                raise ValueError("expert_offload loads from a model directory, not an in-memory model")
+            if config.quantization:
+                raise ValueError("quantization applies to a model directory; quantize an in-memory model with "
+                                 "mixr.quant.quantize_model")
+            if tokenizer is None:
+                raise ValueError("an in-memory model needs its tokenizer: LLMEngine(model, tokenizer=...)")
+            weight = model.lm_head.weight
+            self.device = torch.device(device) if device is not None else weight.device
+            dtype = weight.dtype if dtype in (None, "auto") else resolve_dtype(dtype, {})
+            self.model = engine_model(model, self.device, dtype).eval()
+        else:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            if config.expert_offload:
+                self.model = load_offloaded(model, self.device, dtype, config.gpu_expert_budget_gb).eval()
+            else:
+                self.model = load_model(model, device=self.device, dtype=dtype,
+                                        quantization=config.quantization).eval()
+            if config.adapter:
+                from mixr.train.lora import load_adapter, merge_lora
+                merge_lora(load_adapter(self.model, config.adapter))
+        if config.moe_dynamic:
+            set_dynamic_experts(self.model, config.moe_dynamic, config.moe_top_p, config.moe_entropy_scale,
+                                config.moe_k_min, config.moe_k_max)
+        self.tokenizer = tokenizer or Tokenizer.from_dir(model)
         self.max_model_len = config.max_model_len or self.model.config.max_position_embeddings
         self.runner = ModelRunner(self.model, config.block_size, self.max_model_len, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.gpu_memory_utilization,
-                                  config.kv_cache_bytes, config.cuda_graphs)
+                                  config.kv_cache_bytes, config.cuda_graphs and not config.expert_offload,
+                                  kv_cache_dtype=config.kv_cache_dtype)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=self.runner.num_blocks,
@@ -215,6 +296,30 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    @torch.no_grad()
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy new values into the model's parameters and buffers in place, converting dtype and device on the
+        fly, then forget the prefix cache (its KV came from the old weights). In place, because captured CUDA
+        graphs read the weights at fixed addresses. `weights`: a state dict or (name, tensor) pairs under the
+        model's own names (e.g. `policy.named_parameters()` of a module of the same architecture); a subset is
+        fine. Refused while requests are running. Returns the number of tensors copied."""
+        if self.requests:
+            raise RuntimeError(f"cannot update weights while {len(self.requests)} requests are running")
+        own = dict(self.model.named_parameters(remove_duplicate=False)) | dict(self.model.named_buffers())
+        n = 0
+        for name, value in (weights.items() if isinstance(weights, Mapping) else weights):
+            dst = own.get(name)
+            if dst is None:
+                raise ValueError(f"update_weights: the model has no tensor {name!r}")
+            if dst.shape != value.shape:
+                raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the model's is "
+                                 f"{tuple(dst.shape)}")
+            dst.copy_(value)
+            n += 1
+        if not self.scheduler.block_manager.reset_prefix_cache():  # unreachable with no request running
+            raise RuntimeError("KV blocks are still in use; the prefix cache cannot be reset")
+        return n
 
     def _forget(self, seq: Sequence) -> None:
         self._by_seq.pop(seq.seq_id, None)
