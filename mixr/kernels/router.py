@@ -81,10 +81,10 @@ def route_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return (*select_ref(logits, bias, opts), logits)
 
 
-def select_ref(logits: torch.Tensor, bias: torch.Tensor | None, opts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Everything after the logits (T, E) float32 -> weights (T, k) float32, ids (T, k) int64."""
+def choose_experts(scores: torch.Tensor, bias: torch.Tensor | None, opts, k: int) -> torch.Tensor:
+    """Scores (T, E) float32 -> the ids (T, k) of the chosen experts: top-k of the (biased) scores, within the
+    topk_group best groups for group-limited routing. The bias only picks experts, it never weights them."""
     o = opts
-    scores = logits.softmax(-1) if o.scoring_func == "softmax" else logits.sigmoid()
     choice = scores + bias if bias is not None else scores
     if o.topk_method != "greedy" and o.n_group > 1:
         grouped = choice.view(-1, o.n_group, o.num_experts // o.n_group)
@@ -94,9 +94,17 @@ def select_ref(logits: torch.Tensor, bias: torch.Tensor | None, opts) -> tuple[t
             group_scores = grouped.amax(-1)
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, group_scores.topk(o.topk_group, dim=-1).indices, True)
+        # noaux_tc masks with -inf (biased scores can be negative); V2 masks softmax scores with 0.
         fill = float("-inf") if o.topk_method == "noaux_tc" else 0.0
         choice = grouped.masked_fill(~keep[..., None], fill).view(-1, o.num_experts)
-    ids = choice.topk(o.top_k, dim=-1).indices
+    return choice.topk(k, dim=-1).indices
+
+
+def select_ref(logits: torch.Tensor, bias: torch.Tensor | None, opts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Everything after the logits (T, E) float32 -> weights (T, k) float32, ids (T, k) int64."""
+    o = opts
+    scores = logits.softmax(-1) if o.scoring_func == "softmax" else logits.sigmoid()
+    ids = choose_experts(scores, bias, o, o.top_k)
     weights = scores.gather(1, ids)
     if o.norm_topk_prob and o.top_k > 1:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

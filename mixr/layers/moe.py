@@ -22,7 +22,7 @@ from torch import nn
 
 from mixr.kernels.expert_drop import expert_drop
 from mixr.kernels.fused_moe import fused_moe, fused_moe_ref
-from mixr.kernels.router import can_fuse_route, fused_route
+from mixr.kernels.router import can_fuse_route, choose_experts, fused_route
 from mixr.layers.mlp import GatedMLP
 
 
@@ -119,19 +119,8 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(-1) if o.scoring_func == "softmax" else logits.sigmoid()
-        choice = scores + self.e_score_correction_bias if o.correction_bias else scores
-        if o.topk_method != "greedy" and o.n_group > 1:
-            grouped = choice.view(-1, o.n_group, o.num_experts // o.n_group)
-            if o.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
-            else:
-                group_scores = grouped.amax(-1)
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(o.topk_group, dim=-1).indices, True)
-            # noaux_tc masks with -inf (biased scores can be negative); V2 masks softmax scores with 0.
-            fill = float("-inf") if o.topk_method == "noaux_tc" else 0.0
-            choice = grouped.masked_fill(~keep[..., None], fill).view(-1, o.num_experts)
-        ids = choice.topk(o.num_candidates, dim=-1).indices
+        ids = choose_experts(scores, self.e_score_correction_bias if o.correction_bias else None, o,
+                             o.num_candidates)
         return self._finish(scores.gather(1, ids), ids, logits)
 
     def _finish(self, weights: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor
