@@ -205,7 +205,7 @@ def fit_steps(args, work: Path, tok_dir: Path, budget_s: float) -> tuple[int, fl
     """Seconds per SFT step, from two short runs on a small data set (their difference cancels start-up and
     warm-up), and the number of steps that fit in budget_s."""
     times = {}
-    for n in (5, 25):
+    for n in (3, 5, 25):  # the 3-step run only warms up (CUDA context, allocator, kernel compiles)
         cfg = sft_config(args, work / f"probe{n}", tok_dir, steps=n, num_examples=4 * 256, warmup_steps=1,
                          progress=False)
         t0 = time.perf_counter()
@@ -230,15 +230,22 @@ def stage_sft(args, work: Path, out: Path) -> Path:
         probe = {"seconds_per_step": per_step, "steps_that_fit": fit}
         cfg.steps = max(1, min(cfg.steps, fit))
         cfg.warmup_steps = min(cfg.warmup_steps, cfg.steps // 10)
-        print(f"sft: {per_step * 1e3:.1f} ms/step; running {cfg.steps} steps", flush=True)
+        # A hard stop if the probes were optimistic: the run then ends early in its cosine schedule.
+        cfg.time_limit_s = 1.15 * args.budget_s
+        print(f"sft: {per_step * 1e3:.1f} ms/step; running {cfg.steps} steps "
+              f"(probes done at {time.perf_counter() - STARTED:.0f} s)", flush=True)
     t0 = time.perf_counter()
     train(cfg)
     timings["sft_s"] = time.perf_counter() - t0
-    ckpt = Path(cfg.out_dir) / f"checkpoint-{cfg.steps:06d}"
+    ckpt = max(Path(cfg.out_dir).glob("checkpoint-*"))  # checkpoint-<steps run>, zero-padded
+    print(f"sft: trained {ckpt.name} in {timings['sft_s']:.0f} s", flush=True)
     model_dir = export(ckpt, work / "sft-model")
     tar_dir(model_dir, out / "sft-model.tar")
 
+    t0 = time.perf_counter()
     scores = held_out(model_dir, args, samples=8)
+    timings["eval_s"] = time.perf_counter() - t0
+    print(f"sft: held-out eval in {timings['eval_s']:.0f} s", flush=True)
     log = read_log(Path(cfg.out_dir) / "log.jsonl")
     curve = [{"step": r["step"], "loss": r["loss"], "lr": r["lr"], "load_imbalance": r["load_imbalance"]}
              for r in log]

@@ -3,6 +3,7 @@ kernels against the references (CUDA with Triton only)."""
 
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -212,6 +213,78 @@ def test_fused_moe_triton_cuda_graph():
     x.copy_(x2), ids.copy_(ids2), w.copy_(w2)
     graph.replay()
     assert rel_err(out, fused_moe_ref(x.float(), gu.float(), dn.float(), ids, w)) < 2e-2
+
+
+# ------------------------------------------------------------------------------------------------ shared expert
+INTERPRET = moe_mod.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def shared_inputs(H, Is, dtype=torch.float32, device="cpu", seed=5):
+    g = torch.Generator().manual_seed(seed)
+    gate, up = (torch.randn(Is, H, generator=g) / H**0.5 for _ in range(2))
+    down = torch.randn(H, Is, generator=g) / Is**0.5
+    return tuple(t.to(device, dtype) for t in (gate, up, down))
+
+
+def shared_float64(x, shared):
+    gate, up, down = (t.double() for t in shared)
+    x = x.double()
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def test_fused_moe_shared_reference_and_checks():
+    x, gu, dn, ids, w = moe_inputs(5, 8, 2, 32, 24)
+    shared = shared_inputs(32, 48)
+    want = moe_float64(x, gu, dn, ids, w) + shared_float64(x, shared)
+    assert rel_err(fused_moe(x, gu, dn, ids, w, shared=shared), want) < 1e-5
+    with pytest.raises(ValueError, match="shared expert weights"):
+        fused_moe(x, gu, dn, ids, w, shared=(shared[0], shared[1], shared[2].T))
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA and Triton, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("fuse_k", [False, True])
+@pytest.mark.parametrize("T,E,k,H,I,S", [(1, 8, 3, 48, 40, 2), (5, 8, 2, 64, 24, 1), (8, 16, 4, 40, 32, 3)])
+def test_fused_moe_gemv_runs_shared_expert(fuse_k, T, E, k, H, I, S):
+    """The shared expert as S more pairs per token inside the GEMV kernels, with a dropped routed pair (-1)."""
+    x, gu, dn, ids, w = moe_inputs(T, E, k, H, I, seed=T + S)
+    ids[0, -1] = -1
+    shared = shared_inputs(H, S * I, seed=S)
+    keep = ids >= 0
+    want = moe_float64(x, gu, dn, ids.clamp(min=0), w * keep) + shared_float64(x, shared)
+    cfg = dict(path="gemv", UP_N=8, UP_K=32, DOWN_N=16, DOWN_K=16, FUSE_K=fuse_k, num_warps=4)
+    if CUDA:
+        args = [t.cuda() for t in (x.bfloat16(), gu.bfloat16(), dn.bfloat16(), ids, w)]
+        sh = tuple(t.cuda().bfloat16() for t in shared)
+        out = fused_moe(*args, config=cfg, shared=sh).float().cpu()
+        tol = 2e-2
+    else:  # the interpreter runs the kernels on CPU tensors, in float32
+        out = moe_mod._fused_moe_gemv(x, gu, dn, ids.contiguous(), w, T, H, I, k, cfg, shared)
+        tol = 1e-5
+    assert rel_err(out, want) < tol
+
+
+@needs_cuda
+def test_moe_layer_fuses_shared_expert_on_gpu():
+    """MoE.forward on a GPU at decode batch sizes runs the shared expert in the routed kernels; same result as the
+    separate shared MLP, and a hook on the shared expert turns the fusion off (calibration must see it run)."""
+    from mixr.layers.moe import MoE, RouterOptions
+    torch.manual_seed(0)
+    moe = MoE(256, 176, RouterOptions(num_experts=16, top_k=4), shared_intermediate_size=352).cuda().bfloat16()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert moe._fused_shared(x) is not None
+        fused = moe(x).float()
+        w, ids, _ = moe.gate(x)
+        separate = (fused_moe_ref(x.float(), moe.experts.gate_up_proj.float(), moe.experts.down_proj.float(), ids, w)
+                    + moe.shared_experts.float()(x.float()))
+        moe.bfloat16()
+        seen = []
+        moe.shared_experts.register_forward_hook(lambda m, a, o: seen.append(1))
+        assert moe._fused_shared(x) is None
+        hooked = moe(x).float()
+    assert seen and rel_err(fused, separate) < 2e-2 and rel_err(hooked, separate) < 2e-2
 
 
 ATTN_CUDA_LAYOUTS = {

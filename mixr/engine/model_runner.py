@@ -5,6 +5,7 @@ import torch
 from mixr.engine.block_manager import slot_mapping
 from mixr.engine.paged_cache import PagedCache, PagedStep, StepMeta
 from mixr.engine.sequence import Sequence
+from mixr.kernels.gemv import install_skinny
 from mixr.models.base import CausalLM
 from mixr.sampling import SampleRequest, Sampled, sample_batch
 
@@ -18,6 +19,11 @@ class ModelRunner:
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
+        # Decode-sized linears on Triton GEMVs where this GPU times them faster than cuBLAS (measured per shape, before
+        # the KV budget is taken, so the timing's weight copies are freed by then).
+        self.skinny_report: dict = {}
+        if cuda_graphs and self.device.type == "cuda":
+            install_skinny(model, report=self.skinny_report)
         self.kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else self.dtype
         shapes = model.config.cache_shapes()
         num_layers = len(model.model.layers)

@@ -266,25 +266,34 @@ if HAS_TRITON:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < N)[None, :])
 
     # ---------------------------------------------------------------- small batch: GEMV per pair / per token
-    @triton.jit(do_not_specialize=["top_k"])
-    def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, H, I, top_k,
-                                 stride_xm, stride_we, stride_wn, stride_wk,
+    @triton.jit(do_not_specialize=["top_k", "n_shared"])
+    def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, sg_ptr, su_ptr, H, I, top_k, n_shared,
+                                 stride_xm, stride_we, stride_wn, stride_wk, stride_sn,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        # act[p, n] = silu(W_gate[e] x[t]) * (W_up[e] x[t]) for pair p = t*top_k + j, n in this program's tile.
+        # act[p, n] = silu(W_gate[e] x[t]) * (W_up[e] x[t]) for pair p = t*(top_k + n_shared) + j, n in this
+        # program's tile. Pairs j >= top_k are the shared expert's I-wide slices j - top_k of its gate and up
+        # weights (sg, su: (n_shared * I, H)), so the shared expert runs in the same launch as the routed ones.
         p = tl.program_id(0)
         pid_n = tl.program_id(1)
-        t = p // top_k
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        if e < 0:
-            return  # a skipped pair: its act row is never read
+        t = p // (top_k + n_shared)
+        j = p % (top_k + n_shared)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # Loads wrap the row index instead of masking it, and the main loop runs over whole BLOCK_K tiles with no K
         # mask: a mask that varies along K turns the 16-byte vector loads into 2-byte ones. A masked tail follows
         # when BLOCK_K does not divide H.
         rows = offs_n % I
         offs_k = tl.arange(0, BLOCK_K)
-        g_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BN, BK)
-        u_ptrs = g_ptrs + I * stride_wn
+        if j < top_k:
+            e = tl.load(ids_ptr + t * top_k + j).to(tl.int64)
+            g_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BN, BK)
+            u_ptrs = g_ptrs + I * stride_wn
+        else:
+            e = (j * 0).to(tl.int64)
+            srows = (j - top_k).to(tl.int64) * I + rows
+            g_ptrs = sg_ptr + srows[:, None] * stride_sn + offs_k[None, :] * stride_wk  # stride_wk: 1 for both
+            u_ptrs = su_ptr + srows[:, None] * stride_sn + offs_k[None, :] * stride_wk
+        if e < 0:
+            return  # a skipped pair: its act row is never read
         x_ptrs = x_ptr + t * stride_xm + offs_k
         # Reduce each tile right away: 2-D accumulators would hold BLOCK_N*BLOCK_K/threads more registers per
         # thread and cost occupancy, which this memory-bound loop needs for loads in flight.
@@ -304,25 +313,36 @@ if HAS_TRITON:
             u += tl.sum(tl.load(u_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32) * xk[None, :], 1)
         tl.store(act_ptr + p * I + offs_n, (g * tl.sigmoid(g) * u).to(act_ptr.dtype.element_ty), mask=offs_n < I)
 
-    @triton.jit(do_not_specialize=["pairs_per_prog"])
-    def _moe_gemv_down_kernel(act_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, H, I, pairs_per_prog,
-                              stride_we, stride_wn, stride_wk, stride_om,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        # out[r, n] = sum over this program's pairs p of w[p] * down[e(p)][n, :] . act[p, :].
-        # pairs_per_prog = top_k: row r is token r and the sum over k stays in registers (no extra pass);
-        # pairs_per_prog = 1: row r is pair r (k times more programs, for more loads in flight at tiny T),
-        # summed over k afterwards.
+    @triton.jit(do_not_specialize=["top_k", "n_shared"])
+    def _moe_gemv_down_kernel(act_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, sd_ptr, H, I, top_k, n_shared,
+                              stride_we, stride_wn, stride_wk, stride_sn, stride_om,
+                              PER_TOKEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              EVEN_K: tl.constexpr):
+        # out[r, n] = sum over this program's pairs p of w[p] * down[e(p)][n, :] . act[p, :], pairs laid out as in
+        # the gate_up kernel (the shared slices j >= top_k read columns of sd (H, n_shared * I), weight 1).
+        # PER_TOKEN: row r is token r and the sum over its pairs stays in registers (no extra pass); otherwise
+        # row r is pair r (more programs, for more loads in flight at tiny T), summed afterwards.
         r = tl.program_id(0)
         pid_n = tl.program_id(1)
+        kk = top_k + n_shared
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n % H  # wrapped, not masked (see the gate_up kernel)
         offs_k = tl.arange(0, BLOCK_K)
         out = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for j in range(pairs_per_prog):
-            p = r * pairs_per_prog + j
-            e = tl.load(ids_ptr + p).to(tl.int64)
-            if e >= 0:  # skipped pairs (-1) add nothing and read no weights
+        for jj in range(kk if PER_TOKEN else 1):
+            p = r * kk + jj if PER_TOKEN else r
+            t = p // kk
+            j = p % kk
+            if j < top_k:
+                e = tl.load(ids_ptr + t * top_k + j).to(tl.int64)
+                weight = tl.load(topk_w_ptr + t * top_k + j)
                 w_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+            else:
+                e = (j * 0).to(tl.int64)
+                weight = (j * 0).to(tl.float32) + 1.0
+                cols = (j - top_k).to(tl.int64) * I + offs_k
+                w_ptrs = sd_ptr + rows[:, None] * stride_sn + cols[None, :] * stride_wk  # stride_wk: 1 for both
+            if e >= 0:  # skipped pairs (-1) add nothing and read no weights
                 a_ptrs = act_ptr + p * I + offs_k
                 acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
                 for k0 in range(0, I - I % BLOCK_K, BLOCK_K):  # whole tiles unmasked, then the tail (as above)
@@ -334,7 +354,7 @@ if HAS_TRITON:
                     k_mask = offs_k < I % BLOCK_K
                     a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
                     acc += tl.sum(tl.load(w_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32) * a[None, :], 1)
-                out += tl.load(topk_w_ptr + p) * acc
+                out += weight * acc
         tl.store(out_ptr + r * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < H)
 
     @triton.jit(do_not_specialize=["top_k"])
@@ -381,22 +401,22 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     return sorted_ids, expert_ids, num_blocks
 
 
-def _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg):
-    act = torch.empty(T * k, I, dtype=x.dtype, device=x.device)
-    _moe_gemv_gate_up_kernel[(T * k, triton.cdiv(I, cfg["UP_N"]))](
-        x, gate_up, ids, act, H, I, k, x.stride(0), *gate_up.stride(),
+def _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg, shared=None):
+    # shared: (gate (S*I, H), up (S*I, H), down (H, S*I)) of a shared expert, run as S more pairs per token.
+    sg, su, sd = shared if shared is not None else (gate_up, gate_up, down)  # placeholders, never read
+    s = sg.shape[0] // I if shared is not None else 0
+    kk = k + s
+    act = torch.empty(T * kk, I, dtype=x.dtype, device=x.device)
+    _moe_gemv_gate_up_kernel[(T * kk, triton.cdiv(I, cfg["UP_N"]))](
+        x, gate_up, ids, act, sg, su, H, I, k, s, x.stride(0), *gate_up.stride(), sg.stride(0),
         BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], EVEN_K=H % cfg["UP_K"] == 0, num_warps=cfg["num_warps"])
-    if cfg.get("FUSE_K", True):
-        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-        _moe_gemv_down_kernel[(T, triton.cdiv(H, cfg["DOWN_N"]))](
-            act, down, ids, weights, out, H, I, k, *down.stride(), out.stride(0),
-            BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], EVEN_K=I % cfg["DOWN_K"] == 0, num_warps=cfg["num_warps"])
-        return out
-    y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)  # weighted per-pair outputs
-    _moe_gemv_down_kernel[(T * k, triton.cdiv(H, cfg["DOWN_N"]))](
-        act, down, ids, weights, y, H, I, 1, *down.stride(), y.stride(0),
-        BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], EVEN_K=I % cfg["DOWN_K"] == 0, num_warps=cfg["num_warps"])
-    return y.view(T, k, H).sum(1)  # sums in fp32, rounds once
+    per_token = cfg.get("FUSE_K", True)
+    out = torch.empty(T if per_token else T * kk, H, dtype=x.dtype, device=x.device)  # per pair: weighted outputs
+    _moe_gemv_down_kernel[(out.shape[0], triton.cdiv(H, cfg["DOWN_N"]))](
+        act, down, ids, weights, out, sd, H, I, k, s, *down.stride(), sd.stride(0), out.stride(0),
+        PER_TOKEN=per_token, BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], EVEN_K=I % cfg["DOWN_K"] == 0,
+        num_warps=cfg["num_warps"])
+    return out if per_token else out.view(T, kk, H).sum(1)  # sums in fp32, rounds once
 
 
 def _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg):
@@ -425,18 +445,42 @@ def _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg):
     return out
 
 
+def shared_mlp_ref(x: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The shared expert as GatedMLP computes it: down(silu(gate x) * up x)."""
+    gate, up, down = shared
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def _check_shared(shared, H: int, I: int, dtype: torch.dtype) -> bool:
+    """Validates (gate (Is, H), up (Is, H), down (H, Is)); True when the GEMV kernels can run it as Is / I slices."""
+    gate, up, down = shared
+    Is = gate.shape[0]
+    if gate.shape != (Is, H) or up.shape != (Is, H) or down.shape != (H, Is):
+        raise ValueError(f"shared expert weights must be gate (Is, H), up (Is, H), down (H, Is) with H={H}; got "
+                         f"{tuple(gate.shape)}, {tuple(up.shape)}, {tuple(down.shape)}")
+    return (Is % I == 0 and all(w.dtype == dtype and w.stride(1) == 1 for w in shared)
+            and gate.stride(0) == up.stride(0))
+
+
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+              topk_weights: torch.Tensor, *, config: dict | None = None,
+              shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Routed SwiGLU experts: x (T, H), gate_up (E, 2I, H) = [gate; up], down (E, H, I), topk_ids (T, k) int32/int64,
     topk_weights (T, k) float32 -> (T, H) in x's dtype.
 
     On CUDA with Triton and bf16/fp16 this runs the fused kernels (no host sync, CUDA-graph capturable; expert ids
     are not range-checked there). Otherwise it runs `fused_moe_ref`. `config` overrides the tuned tile config
     (see MOE_CONFIGS) and is meant for tuning.
+
+    shared: the (gate, up, down) weights of a shared SwiGLU expert (DeepSeek's shared experts), added to the
+    result. In the small-batch path it runs inside the routed kernels as Is / I more experts of weight 1 (two
+    launches per MoE layer instead of seven at decode); elsewhere it runs as `shared_mlp_ref`.
     """
     T, H, E, I, k = _check(x, gate_up, down, topk_ids, topk_weights)
+    fusable = shared is not None and _check_shared(shared, H, I, x.dtype)
     if not (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
-        return fused_moe_ref(x, gate_up, down, topk_ids, topk_weights)
+        out = fused_moe_ref(x, gate_up, down, topk_ids, topk_weights)
+        return out if shared is None else out + shared_mlp_ref(x, shared)
     if T == 0:
         return x.new_empty(0, H)
     if gate_up.stride(2) != 1 or down.stride(2) != 1:
@@ -446,9 +490,13 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_i
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
     cfg = config or moe_config(T, H, I)
+    if cfg["path"] == "gemv" and fusable:
+        return _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg, shared)
     if cfg["path"] == "gemv":
-        return _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg)
-    return _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg)
+        out = _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg)
+    else:
+        out = _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg)
+    return out if shared is None else out + shared_mlp_ref(x, shared)
 
 
 # ---------------------------------------------------------------------------------------------------- quantized experts

@@ -145,13 +145,16 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (T, H), ids/weights (T, k) -> (T, H). The Triton kernels have no backward: anything that needs
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (T, H), ids/weights (T, k) -> (T, H); `shared`: a shared expert's (gate, up, down) weights to add,
+        inference only (see MoE._fused_shared). The Triton kernels have no backward: anything that needs
         gradients takes the plain-PyTorch path."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
                                                   or self.gate_up_proj.requires_grad)
-        moe = fused_moe_ref if needs_grad else fused_moe
-        return moe(x, self.gate_up_proj, self.down_proj, ids, weights)
+        if needs_grad:
+            return fused_moe_ref(x, self.gate_up_proj, self.down_proj, ids, weights)
+        return fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights, shared=shared)
 
 
 class MoE(nn.Module):
@@ -177,12 +180,29 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, ids, _ = self.gate(x)
-        out = self.experts(x, ids, weights)
+        shared = self._fused_shared(x)
+        out = self.experts(x, ids, weights, shared=shared) if shared else self.experts(x, ids, weights)
         if self.shared_gated:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        elif hasattr(self, "shared_experts"):
+        elif hasattr(self, "shared_experts") and not shared:
             out = out + self.shared_experts(x)
         return out.view(shape)
+
+    def _fused_shared(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shared expert's weights, when the routed-expert kernels may run it (at decode batch sizes they do
+        it in the same launches): GPU inference, plain bias-free linears, and no hooks, since GPTQ calibration
+        and adapters must see the shared expert's modules run."""
+        mlp = getattr(self, "shared_experts", None)
+        if mlp is None or not x.is_cuda or not isinstance(self.experts, Experts):
+            return None
+        linears = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(isinstance(m, nn.Linear) and m.bias is None for m in linears):
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, *linears)):
+            return None
+        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in linears):
+            return None
+        return tuple(m.weight for m in linears)
 
 
 def set_dynamic_experts(model: nn.Module, dynamic: str | None, top_p: float = 1.0, entropy_scale: float = 1.0,

@@ -51,6 +51,7 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0                  # 0: only at the end
     progress: bool = True
+    time_limit_s: float = 0.0            # > 0: stop (and save) when one more step would end past it
 
     def __post_init__(self):
         self.betas = tuple(self.betas)

@@ -222,8 +222,12 @@ def train(cfg: TrainConfig) -> CausalLM:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.mode}", disable=not cfg.progress)
+    started, dt = time.perf_counter(), 0.0
     while step < cfg.steps:
         t0 = time.perf_counter()
+        if cfg.time_limit_s and t0 + dt - started > cfg.time_limit_s:  # the last step's time predicts this one's
+            save_checkpoint(out_dir / f"checkpoint-{step:06d}", model, optimizer, step, cfg, tokenizer_dir, tokenizer)
+            break
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
