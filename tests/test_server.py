@@ -26,6 +26,7 @@ from mixr.engine.async_engine import AsyncLLM
 from mixr.engine.llm_engine import CompletionOutput, EngineConfig, LLMEngine, RequestMetrics, RequestOutput
 from mixr.reference import reference_generate
 from mixr.safety import SafetyConfig, detect, token_entropy
+from mixr.sampling import SamplingParams
 from mixr.serve import build_app
 from mixr.serve.reasoning import ReasoningParser
 from mixr.tiny import make_tiny_checkpoint
@@ -505,6 +506,89 @@ def test_disconnect_storm_frees_every_block(url, llm):
     assert engine_idle(llm, timeout=10), "aborted requests still hold KV blocks"
     assert metric(url, "mixr_request_aborts_total") == aborts + 51
     assert metric(url, "mixr_requests_in_flight") == 0 and metric(url, "mixr_kv_cache_usage_ratio") == 0
+
+
+def test_the_event_loop_never_waits_for_an_engine_step(model_dir):
+    """Adding, finishing and aborting requests hand messages to the engine thread: a slow step (a GPU step at
+    large batch) holds up no other coroutine, and requests admitted together start together."""
+    engine = LLMEngine(model_dir, device="cpu", dtype="float32", config=EngineConfig(kv_cache_bytes=16 << 20))
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.25)
+        return step()
+
+    engine.step = slow_step
+    llm = AsyncLLM(engine)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def main():
+        gaps, first = [], []
+
+        async def ticker():
+            t = time.perf_counter()
+            while True:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - t)
+                t = now
+
+        async def one(i: int, leave: bool):
+            t = time.perf_counter()
+            async for out in llm.generate([5, 6, 7 + i], params):
+                first.append(time.perf_counter() - t)
+                if leave:
+                    break  # closing the stream aborts the request
+            return out
+
+        tick = asyncio.ensure_future(ticker())
+        outs = await asyncio.gather(*(one(i, leave=i % 2 == 1) for i in range(16)))
+        tick.cancel()
+        return gaps, first, outs
+
+    gaps, first, outs = asyncio.run(main())
+    assert max(gaps) < 0.1, f"the event loop stalled for {max(gaps):.3f}s"
+    assert max(first) < 0.25 * 3.5, "requests admitted together did not start within a step or two of each other"
+    assert all(o.finished and len(o.token_ids) == 3 for o in outs[::2])
+    assert engine_idle(llm)
+
+
+def test_async_llm_request_ids_and_abort(llm):
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        first = llm.generate([1, 2, 3], params, request_id="same")
+        await anext(first)
+        with pytest.raises(ValueError, match="already running"):  # the running one is not disturbed
+            await anext(llm.generate([4, 5], params, request_id="same"))
+        out = await anext(first)
+        assert not out.finished
+        llm.abort("same")
+        with pytest.raises(RuntimeError, match="was aborted"):
+            async for _ in first:
+                pass
+
+    asyncio.run(main())
+    assert engine_idle(llm)
+
+
+def test_stream_chunks_are_the_json_of_the_whole_object():
+    """The streaming fast path (Chunks: the per-response fields serialized once) writes the bytes sse() writes
+    for the whole object; line breaks that str.splitlines would split at are escaped."""
+    from mixr.serve.state import Chunks, sse
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": 'a "model"\u2028', "usage": None}
+    chunks = Chunks(head)
+    pieces = ["", " plain", 'quote " back \\ slash', "new\nline\r\t\x00\x1f\x7f", "\x85 \u2028 \u2029",
+              "é 中 😀", "</think>"]
+    for i, text in enumerate(pieces):
+        event = chunks.text(i % 3, text)
+        assert event == sse({**head, "choices": [{"index": i % 3, "text": text, "logprobs": None,
+                                                   "finish_reason": None}]})
+        delta = {"reasoning_content": text, "content": text[::-1]}
+        assert chunks.delta(i, delta) == sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                                   "finish_reason": None}]})
+        assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+        assert json.loads(event[6:])["choices"][0]["text"] == text
 
 
 # -- the safety layer (mixr.safety, switched on per server) ----------------------------------------------------

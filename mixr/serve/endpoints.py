@@ -16,7 +16,7 @@ from mixr.sampling import SamplingParams
 from mixr.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from mixr.serve.reasoning import ReasoningParser
 from mixr.serve.safety import OutputGuard
-from mixr.serve.state import THINK_START, EventStream, Run, ServerState, clamp_logprob, collect, open_run, sse
+from mixr.serve.state import THINK_START, Chunks, EventStream, Run, ServerState, clamp_logprob, collect, open_run, sse
 from mixr.tokenizer import TokenizerError
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -151,9 +151,12 @@ async def _chat_stream(state: ServerState, run: Run, parsers: list, logprobs: bo
             "system_fingerprint": None}
     if include_usage:
         head["usage"] = None
+    chunks = Chunks(head)
 
     def chunk(i: int, delta: dict, lps: list | None = None, finish: str | None = None,
               extra: dict | None = None) -> str:
+        if lps is None and finish is None and not extra:
+            return chunks.delta(i, delta)  # the common chunk: new text only
         choice = {"index": i, "delta": delta, "logprobs": {"content": lps} if lps is not None else None,
                   "finish_reason": finish, **(extra or {})}
         return sse({**head, "choices": [choice]})
@@ -218,7 +221,9 @@ async def completions(state: ServerState, req: CompletionRequest, request: Reque
     params = state.sampling(req, len(ids), req.max_tokens, 16, req.logprobs)  # OpenAI's default: 16 tokens
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    prompt_text = req.prompt if isinstance(req.prompt, str) else state.tokenizer.decode(ids)
+    # the input filter reads text; decoding a long prompt of token ids costs, so only when there is one
+    prompt_text = req.prompt if isinstance(req.prompt, str) else \
+        state.tokenizer.decode(ids) if state.safety is not None else ""
     decision, params, guard = await _screen(state, prompt_text, "prompt", params, req.logprobs, rid, COMPLETIONS,
                                             bool(req.stream))
     if decision is not None and not decision.allowed:
@@ -267,9 +272,12 @@ async def _completion_stream(state: ServerState, run: Run, want_lp: bool, includ
     if include_usage:
         head["usage"] = None
     offsets = [0] * run.n
+    chunks = Chunks(head)
 
     def chunk(i: int, text: str, logprobs: dict | None = None, finish: str | None = None,
               extra: dict | None = None) -> str:
+        if logprobs is None and finish is None and not extra:
+            return chunks.text(i, text)  # the common chunk: new text only
         return sse({**head, "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish,
                                          **(extra or {})}]})
 

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from json.encoder import encode_basestring  # C: a str as a JSON string literal, non-ASCII kept
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -115,9 +116,9 @@ class ServerState:
 class Run:
     """One admitted engine request as the server sees it.
 
-    The engine thread updates a single RequestOutput in place and hands the same object over after every step,
-    so a step's delta_* fields may already hold a later step's by the time this thread reads them. New text,
-    tokens and logprobs are therefore read by cursor from the cumulative fields."""
+    A source may hand over one RequestOutput updated in place (a later step's delta_* fields may be there by the
+    time this thread reads them), and AsyncLLM merges the steps a slow reader missed: new text, tokens and
+    logprobs are therefore read by cursor from the cumulative fields."""
 
     def __init__(self, state: ServerState, prompt: list[int], params: SamplingParams, request_id: str):
         self.state, self.n, self.t0 = state, params.n, time.perf_counter()
@@ -216,8 +217,42 @@ class EventStream(StreamingResponse):
             await self._on_close()
 
 
+def _safe(text: str) -> str:
+    """JSON written with ensure_ascii=False keeps U+0085, U+2028 and U+2029 as they are; escape them, because
+    clients that split the stream with str.splitlines (httpx's iter_lines) would cut an event there."""
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+    return text
+
+
 def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_safe(json.dumps(obj, ensure_ascii=False, separators=(',', ':')))}\n\n"
+
+
+def json_str(text: str) -> str:
+    """text as a JSON string literal, exactly as sse() writes it."""
+    return _safe(encode_basestring(text))
+
+
+class Chunks:
+    """The streaming chunks of one response whose fields before "choices" (id, object, created, model, ...) are
+    the same in every chunk: those are serialized once, so the common chunk (a choice's new text, no logprobs,
+    no finish reason) costs one string escape instead of a json.dumps of the whole object. Same bytes as sse()."""
+
+    def __init__(self, head: dict):
+        self.head = head
+        self._prefix = "data: " + _safe(json.dumps(head, ensure_ascii=False, separators=(",", ":")))[:-1] + \
+            ',"choices":[{"index":'
+
+    def text(self, i: int, text: str) -> str:
+        """A /v1/completions chunk: {"index": i, "text": text, "logprobs": null, "finish_reason": null}."""
+        return f'{self._prefix}{i},"text":{json_str(text)},"logprobs":null,"finish_reason":null}}]}}\n\n'
+
+    def delta(self, i: int, delta: dict[str, str]) -> str:
+        """A chat chunk: {"index": i, "delta": delta, "logprobs": null, "finish_reason": null}; delta's keys are
+        plain names (content, reasoning_content, role) and its values strings."""
+        body = ",".join(f'"{k}":{json_str(v)}' for k, v in delta.items())
+        return f'{self._prefix}{i},"delta":{{{body}}},"logprobs":null,"finish_reason":null}}]}}\n\n'
 
 
 def clamp_logprob(value: float) -> float:
