@@ -2,14 +2,15 @@
 SFT from scratch on the task suite (recipes/default_model/sft.toml), then GRPO (grpo.toml) over several seeds;
 held-out accuracy per task after SFT and after GRPO, and the learning curves.
 
-    # 1. tokenizer, SFT from scratch (--budget-s of training: the step count is fitted to it by two short probe
-    #    runs), held-out eval (greedy; pass@8 at temperature 1): ~8 min on one H100
-    PYTHONPATH=. python bench/train_default_model.py --stage sft --device cuda --budget-s 270 --quiet --out $OUT
+    # 1. tokenizer, SFT from scratch (--budget-s of training: the step count is fitted to it by short probe
+    #    runs, with a hard stop at 1.15x), held-out eval (greedy; pass@8 at temperature 1): 6.5 min on one H100
+    #    (the shipped model: 656 steps fitted; --sft-set steps=656 repeats them exactly)
+    PYTHONPATH=. python bench/train_default_model.py --stage sft --device cuda --budget-s 200 --quiet --out $OUT
     # 2. held-out eval of the SFT model, GRPO from it for each seed (--parallel: one process per seed, all at once
     #    on the one GPU, which a model this small leaves mostly idle), held-out eval of each GRPO model; the whole
     #    command ends within --deadline-s seconds
     PYTHONPATH=. python bench/train_default_model.py --stage grpo --init sft-model.tar --seeds 0 1 2 --parallel \
-        --device cuda --deadline-s 470 --quiet --out $OUT
+        --device cuda --deadline-s 450 --quiet --out $OUT          # the shipped model: 393 s per seed, ~80 steps
     # held-out eval of any model directories or tars
     PYTHONPATH=. python bench/train_default_model.py --stage eval --models A.tar B/ --out $OUT
     # the whole pipeline at toy scale on a CPU (seconds): checks the wiring, not the numbers

@@ -473,8 +473,8 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_i
     (see MOE_CONFIGS) and is meant for tuning.
 
     shared: the (gate, up, down) weights of a shared SwiGLU expert (DeepSeek's shared experts), added to the
-    result. In the small-batch path it runs inside the routed kernels as Is / I more experts of weight 1 (two
-    launches per MoE layer instead of seven at decode); elsewhere it runs as `shared_mlp_ref`.
+    result. In the small-batch path it runs inside the routed kernels as Is / I more experts of weight 1 (at decode
+    three launches for the whole feed-forward instead of nine); elsewhere it runs as `shared_mlp_ref`.
     """
     T, H, E, I, k = _check(x, gate_up, down, topk_ids, topk_weights)
     fusable = shared is not None and _check_shared(shared, H, I, x.dtype)

@@ -1,0 +1,289 @@
+"""Tensor- and expert-parallel inference: a model transform that keeps one rank's shard and adds the collectives.
+
+`shard_model(model, rank, world_size)` rewrites a fully loaded CausalLM in place (Megatron-style, as vLLM does):
+
+  embed_tokens  vocab-parallel: rank r holds rows [r*Vr, (r+1)*Vr), Vr = ceil(V / W) (the last slice is padded
+                with zero rows); ids outside the slice look up zeros; all_reduce
+  self_attn     heads split: column-parallel q/k/v (GQA: KV heads split too), or for MLA q_proj / q_b_proj and
+                kv_b_proj per head (q_a_proj, kv_a_proj_with_mqa and their norms are replicated: the latent is
+                shared by all heads); row-parallel o_proj (its bias on rank 0 only); all_reduce
+  mlp (dense)   column-parallel gate/up, row-parallel down (bias on rank 0 only); all_reduce
+  mlp (MoE)     experts="tp": every routed expert's intermediate dim split (gate_up rows, down columns);
+                experts="ep": rank r keeps experts [r*E/W, (r+1)*E/W) and runs them for every token, the pairs
+                routed elsewhere becoming id -1, which fused_moe skips. Shared experts are TP-split in both
+                modes, the router and Qwen2-MoE's shared_expert_gate replicated (every rank routes the same);
+                one all_reduce sums routed + shared
+  lm_head       each rank its vocab slice of logits; all_gather along vocab, padding cut off
+
+Parameter names stay the checkpoint keys and every forward keeps its signature, so the KV cache and the engine
+see the usual modules: head counts stored in modules are the local ones, and `model.config` becomes a copy whose
+head counts are local too (cache_shapes() gives this rank's KV shapes; vocab_size stays global, since the
+gathered logits are). Sizes that do not divide raise ValueError, except the vocabulary, which is padded.
+
+The collectives run in place on activations, without autograd: a sharded model is for inference (forward under
+torch.no_grad or torch.inference_mode).
+"""
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mixr.layers.attention import Attention
+from mixr.layers.mla import MLAttention
+from mixr.layers.mlp import GatedMLP
+from mixr.layers.moe import Experts, MoE
+from mixr.models.base import CausalLM
+
+
+class Comm:
+    """The process group a sharded model talks over. Not a module, and deepcopy shares it (engine_model copies
+    models to change their dtype; a process group cannot be copied)."""
+
+    def __init__(self, rank: int, world_size: int, group=None):
+        self.rank, self.world_size, self.group = rank, world_size, group
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        _check_no_grad(x)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n) on every rank -> (..., world_size * n), rank order."""
+        _check_no_grad(x)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def reduce_hook(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+        """Forward hook: a module's partial sum (row-parallel output) -> the full output on every rank."""
+        return self.all_reduce(out)
+
+
+def _check_no_grad(x: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("a sharded model's collectives have no backward: run it under torch.no_grad or "
+                           "torch.inference_mode")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r's rows [start, start + weight.shape[0]) of the embedding; other ids look up zeros, and the
+    all_reduce fills them in from the rank that holds them."""
+
+    def __init__(self, weight: torch.Tensor, start: int, comm: Comm):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+        self.start, self.comm = start, comm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)  # (B, L, hidden)
+        return self.comm.all_reduce(x * inside[..., None].to(x.dtype))
+
+
+class ParallelLMHead(nn.Module):
+    """Rank r's vocab slice of the LM head; the logits of all ranks gathered along vocab, padding cut off."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int, comm: Comm):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.vocab_size, self.comm = vocab_size, comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_gather_last(F.linear(x, self.weight))[..., :self.vocab_size]
+
+
+class LocalExperts(Experts):
+    """Expert parallelism: experts [first, first + E_local) of the model's E. Ids arrive global; the pairs of
+    other ranks' experts become -1, which every fused_moe path skips."""
+
+    def __init__(self, experts: Experts, first: int, count: int):
+        nn.Module.__init__(self)
+        self.first = first
+        self.gate_up_proj = _param(experts.gate_up_proj, experts.gate_up_proj[first:first + count])
+        self.down_proj = _param(experts.down_proj, experts.down_proj[first:first + count])
+
+    def forward(self, x, ids, weights, shared=None):
+        local = ids - self.first
+        local = torch.where((local >= 0) & (local < self.gate_up_proj.shape[0]), local, -1)  # -1 stays -1
+        return super().forward(x, local, weights, shared=shared)
+
+
+def _param(old: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
+    # clone: a contiguous tensor of its own, so the full weight can be freed
+    return nn.Parameter(value.clone(), requires_grad=old.requires_grad)
+
+
+def _rows(linear: nn.Module, start: int, stop: int) -> None:
+    """Column parallel: keep output features [start, stop)."""
+    linear.weight = _param(linear.weight, linear.weight[start:stop])
+    if linear.bias is not None:
+        linear.bias = _param(linear.bias, linear.bias[start:stop])
+    linear.out_features = stop - start
+
+
+def _cols(linear: nn.Module, start: int, stop: int, rank: int) -> None:
+    """Row parallel: keep input features [start, stop); the bias is added once, by rank 0."""
+    linear.weight = _param(linear.weight, linear.weight[:, start:stop])
+    if linear.bias is not None and rank != 0:
+        linear.bias = None
+    linear.in_features = stop - start
+
+
+def _split(n: int, world_size: int, what: str, why: str = "") -> int:
+    if n % world_size:
+        raise ValueError(f"{what}={n} is not divisible by world_size={world_size}{why}")
+    return n // world_size
+
+
+def _check(model: CausalLM, world_size: int, experts: str) -> None:
+    """Every size and module type, before anything changes: a model that cannot be sharded is left intact."""
+    if experts not in ("tp", "ep"):
+        raise ValueError(f"experts must be 'tp' or 'ep', got {experts!r}")
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if isinstance(attn, Attention):
+            _split(attn.num_heads, world_size, f"layer {i}: num_attention_heads")
+            _split(attn.num_kv_heads, world_size, f"layer {i}: num_key_value_heads",
+                   " (KV heads are split across ranks, never replicated)")
+            if attn.qk_norm == "full":
+                raise NotImplementedError("tensor parallelism with a full-width Q/K norm (OLMoE) needs a "
+                                          "cross-rank RMSNorm, which is not implemented")
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        elif isinstance(attn, MLAttention):
+            _split(attn.num_heads, world_size, f"layer {i}: num_attention_heads")
+            linears = (attn.kv_b_proj, attn.o_proj, attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj)
+        else:
+            raise TypeError(f"layer {i}: cannot shard attention of type {type(attn).__name__}")
+        mlps = []
+        if isinstance(mlp, GatedMLP):
+            mlps.append(("intermediate_size", mlp))
+        elif isinstance(mlp, MoE):
+            if type(mlp.experts) is not Experts:
+                raise TypeError(f"layer {i}: cannot shard experts of type {type(mlp.experts).__name__} (shard "
+                                "before quantizing or offloading)")
+            E, two_i, _ = mlp.experts.gate_up_proj.shape
+            if experts == "tp":
+                _split(two_i // 2, world_size, f"layer {i}: moe_intermediate_size")
+            else:
+                _split(E, world_size, f"layer {i}: number of routed experts")
+            for name in ("shared_experts", "shared_expert"):
+                if hasattr(mlp, name):
+                    mlps.append((f"{name} intermediate size", getattr(mlp, name)))
+        else:
+            raise TypeError(f"layer {i}: cannot shard an MLP of type {type(mlp).__name__}")
+        for what, m in mlps:
+            _split(m.gate_proj.out_features, world_size, f"layer {i}: {what}")
+            linears += (m.gate_proj, m.up_proj, m.down_proj)
+        for lin in linears:
+            if type(lin) is not nn.Linear:
+                raise TypeError(f"layer {i}: cannot shard a {type(lin).__name__} (shard before quantizing)")
+    if type(model.model.embed_tokens) is not nn.Embedding or type(model.lm_head) is not nn.Linear:
+        raise TypeError("cannot shard the embedding / lm_head: expected nn.Embedding and nn.Linear")
+
+
+def _shard_mlp(mlp: GatedMLP, rank: int, world_size: int) -> None:
+    n = mlp.gate_proj.out_features // world_size
+    _rows(mlp.gate_proj, rank * n, (rank + 1) * n)
+    _rows(mlp.up_proj, rank * n, (rank + 1) * n)
+    _cols(mlp.down_proj, rank * n, (rank + 1) * n, rank)
+
+
+def _shard_attention(attn: nn.Module, rank: int, world_size: int) -> None:
+    H = attn.num_heads // world_size
+    if isinstance(attn, Attention):
+        D, KV = attn.head_dim, attn.num_kv_heads // world_size
+        # q head h reads KV head h // (heads per KV head): a contiguous block of q heads reads a contiguous block
+        # of KV heads, so both split the same way
+        _rows(attn.q_proj, rank * H * D, (rank + 1) * H * D)
+        _rows(attn.k_proj, rank * KV * D, (rank + 1) * KV * D)
+        _rows(attn.v_proj, rank * KV * D, (rank + 1) * KV * D)
+        _cols(attn.o_proj, rank * H * D, (rank + 1) * H * D, rank)
+        attn.num_heads, attn.num_kv_heads = H, KV
+    else:  # MLA: per-head weights are head-major blocks of rows (q, kv_b) or columns (o)
+        dq = attn.qk_nope_head_dim + attn.qk_rope_head_dim
+        dkv = attn.qk_nope_head_dim + attn.v_head_dim
+        _rows(attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj, rank * H * dq, (rank + 1) * H * dq)
+        _rows(attn.kv_b_proj, rank * H * dkv, (rank + 1) * H * dkv)
+        _cols(attn.o_proj, rank * H * attn.v_head_dim, (rank + 1) * H * attn.v_head_dim, rank)
+        attn.num_heads = H
+
+
+def _shard_moe(moe: MoE, rank: int, world_size: int, experts: str) -> None:
+    ex = moe.experts
+    E, two_i, _ = ex.gate_up_proj.shape
+    if experts == "ep":
+        n = E // world_size
+        moe.experts = LocalExperts(ex, rank * n, n)
+    else:
+        I, n = two_i // 2, two_i // 2 // world_size
+        lo, hi = rank * n, (rank + 1) * n
+        gate_up = torch.cat((ex.gate_up_proj[:, lo:hi], ex.gate_up_proj[:, I + lo:I + hi]), dim=1)  # (E, 2n, H)
+        ex.gate_up_proj = _param(ex.gate_up_proj, gate_up)
+        ex.down_proj = _param(ex.down_proj, ex.down_proj[:, :, lo:hi])
+    for name in ("shared_experts", "shared_expert"):
+        if hasattr(moe, name):
+            _shard_mlp(getattr(moe, name), rank, world_size)
+
+
+def _local_config(config, world_size: int):
+    """A copy of the config with this rank's head counts, what cache_shapes() reads."""
+    changes = {k: getattr(config, k) // world_size for k in ("num_attention_heads", "num_key_value_heads")
+               if getattr(config, k, None) is not None}
+    return dataclasses.replace(config, **changes)
+
+
+@torch.no_grad()
+def shard_model(model: CausalLM, rank: int, world_size: int, experts: str = "tp", group=None) -> CausalLM:
+    """Keep rank `rank`'s shard of a fully loaded `model` (in place) and return it; see the module docstring.
+
+    experts: "tp" splits every routed expert's intermediate dim across ranks, "ep" gives each rank E/world_size
+    whole experts. group: the torch.distributed process group of the world_size ranks (default: the world);
+    every rank must call this with the same arguments but its own rank. Raises ValueError when the heads, KV
+    heads, intermediate sizes or (for "ep") the expert count do not divide by world_size; the vocabulary is padded.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in 0..{world_size - 1}")
+    if getattr(model, "parallel", None) is not None:
+        raise ValueError(f"the model is already sharded ({model.parallel})")
+    if dist.is_initialized() and (dist.get_world_size(group), dist.get_rank(group)) != (world_size, rank):
+        raise ValueError(f"rank={rank}, world_size={world_size} disagree with the process group's "
+                         f"rank={dist.get_rank(group)}, size={dist.get_world_size(group)}")
+    _check(model, world_size, experts)
+    if world_size == 1:
+        return model
+    comm = Comm(rank, world_size, group)
+    for layer in model.model.layers:
+        _shard_attention(layer.self_attn, rank, world_size)
+        if isinstance(layer.mlp, MoE):
+            _shard_moe(layer.mlp, rank, world_size, experts)
+        else:
+            _shard_mlp(layer.mlp, rank, world_size)
+        layer.self_attn.register_forward_hook(comm.reduce_hook)
+        layer.mlp.register_forward_hook(comm.reduce_hook)  # MoE: routed + shared partial sums, one all_reduce
+
+    emb, V = model.model.embed_tokens.weight, model.config.vocab_size
+    n = -(-V // world_size)  # ceil: the last rank's slice is padded with zero rows
+    part = emb[rank * n:(rank + 1) * n]
+    part = torch.cat((part, part.new_zeros(n - part.shape[0], part.shape[1])))
+    tied = model.lm_head.weight is emb
+    model.model.embed_tokens = VocabParallelEmbedding(part.requires_grad_(emb.requires_grad), rank * n, comm)
+    if tied:
+        head = model.model.embed_tokens.weight
+    else:
+        head = model.lm_head.weight[rank * n:(rank + 1) * n]
+        head = _param(model.lm_head.weight, torch.cat((head, head.new_zeros(n - head.shape[0], head.shape[1]))))
+    model.lm_head = ParallelLMHead(head, V, comm)
+
+    model.config = _local_config(model.config, world_size)
+    model.parallel = (rank, world_size, experts)
+    return model
