@@ -23,7 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import ceilings, rel_err, time_graph
+from bench_kernels import gpu_report, rel_err, time_graph
 
 gemv = importlib.import_module("mixr.kernels.gemv")
 
@@ -107,14 +107,9 @@ def main():
     ap.add_argument("--budget", type=float, default=55.0, help="seconds; shapes past it are skipped")
     args = ap.parse_args()
     deadline = time.time() + args.budget
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    report = dict(device=props.name, sm_count=props.multi_processor_count, torch=torch.__version__,
-                  triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
-    report.update(ceilings())
+    report = gpu_report()
     ceil_bw = report["copy_bandwidth_GBps"] * 1e9
-    log(f"{props.name}: copy {report['copy_bandwidth_GBps']:.0f} GB/s")
+    log(f"{report['device']}: copy {report['copy_bandwidth_GBps']:.0f} GB/s")
     gen = torch.Generator(device=DEV).manual_seed(0)
     report["results"], report["skipped"] = [], []
     items = [("linear", n, s) for n, s in LINEAR.items()] + [("gate_up", n, s) for n, s in GATE_UP.items()]

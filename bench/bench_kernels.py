@@ -119,6 +119,15 @@ def time_eager(fn, min_ms: float = 25.0, batches: int = 5) -> float:
     return statistics.median(times)
 
 
+def gpu_report() -> dict:
+    """The head of every kernel bench's JSON: the card, the versions, the date and the card's ceilings."""
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return dict(device=props.name, sm_count=props.multi_processor_count, torch=torch.__version__,
+                triton=triton.__version__, date=time.strftime("%Y-%m-%d")) | ceilings()
+
+
 def ceilings() -> dict:
     src = torch.randn(1 << 29, device=DEV, dtype=torch.bfloat16)  # 1 GiB
     dst = torch.empty_like(src)
@@ -453,14 +462,9 @@ def main():
     args = ap.parse_args()
     DEADLINE[0] = time.time() + args.budget
     only = set(filter(None, args.only.split(",")))
-    import triton
-
     torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(0)
-    report = dict(device=props.name, sm_count=props.multi_processor_count, torch=torch.__version__,
-                  triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
-    report.update(ceilings())
-    log(f"{props.name}: copy {report['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {report['bf16_matmul_TFLOPs']:.0f}"
+    report = gpu_report()
+    log(f"{report['device']}: copy {report['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {report['bf16_matmul_TFLOPs']:.0f}"
         f" TFLOP/s")
     ceil_bw = report["copy_bandwidth_GBps"] * 1e9
     report["checks"], report["moe"], report["attention"] = [], [], []

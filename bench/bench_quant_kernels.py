@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 from bench_kernels import (
-    ceilings,
+    gpu_report,
     make_cache,
     poison_allocator,
     rel_err,
@@ -324,15 +324,10 @@ def main():
     args = ap.parse_args()
     DEADLINE[0] = time.time() + args.budget
     only = set(filter(None, args.only.split(",")))
-    import triton
-
     torch.manual_seed(0)
-    props = torch.cuda.get_device_properties(0)
-    report = dict(device=props.name, sm_count=props.multi_processor_count, torch=torch.__version__,
-                  triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
-    report.update(ceilings())
+    report = gpu_report()
     ceil_bw = report["copy_bandwidth_GBps"] * 1e9
-    log(f"{props.name}: copy {report['copy_bandwidth_GBps']:.0f} GB/s")
+    log(f"{report['device']}: copy {report['copy_bandwidth_GBps']:.0f} GB/s")
 
     def save():
         with open(args.out, "w") as f:

@@ -21,10 +21,15 @@ HAS_TRITON = triton is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _use_triton(*tensors: torch.Tensor) -> bool:
-    """The Triton kernels have no backward: they run only where autograd will not need one."""
-    return (HAS_TRITON and all(t.is_cuda and t.dtype in _DTYPES for t in tensors)
+def triton_inference(*tensors: torch.Tensor) -> bool:
+    """Triton present, every tensor on CUDA, and no autograd that would need a backward: the kernels of
+    norm, rope and router have none, so they run only there."""
+    return (HAS_TRITON and all(t.is_cuda for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    return triton_inference(*tensors) and all(t.dtype in _DTYPES for t in tensors)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ Everything else runs `rope_ref`, plain differentiable PyTorch.
 import torch
 
 from mixr.kernels.norm import _rows, rms_norm_ref
+from mixr.kernels.norm import triton_inference as _use_triton  # a module attribute: tests patch it per module
 
 try:
     import triton
@@ -25,13 +26,6 @@ except ImportError:  # CPU-only installs: the reference path serves
     triton = None
 
 HAS_TRITON = triton is not None
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _use_triton(*tensors: torch.Tensor) -> bool:
-    """The Triton kernel has no backward: it runs only where autograd will not need one."""
-    return (HAS_TRITON and all(t.is_cuda for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False,

@@ -29,6 +29,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from mixr.kernels.norm import triton_inference as _use_triton  # a module attribute: tests patch it per module
+
 try:
     import triton
     import triton.language as tl
@@ -44,12 +46,6 @@ _ARRIVALS: dict[torch.device, torch.Tensor] = {}  # per-device (GEMV_MAX_T,) int
 MAX_EXPERTS = 1024  # the select kernel holds a token's scores in registers
 _KNOWN = {"num_experts", "top_k", "scoring_func", "topk_method", "n_group", "topk_group", "norm_topk_prob",
           "routed_scaling_factor", "correction_bias"}
-
-
-def _use_triton(*tensors: torch.Tensor) -> bool:
-    """The Triton kernels have no backward: they run only where autograd will not need one."""
-    return (HAS_TRITON and all(t.is_cuda for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 def _only_known_options(opts) -> bool:
