@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from mixr.checkpoint import CheckpointError
+from mixr.engine.distributed import WorkerError
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -15,6 +16,14 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16, float32")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (peft format), merged on load")
+    _parallel_args(p)
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="processes (GPUs cuda:0..N-1) the model is sharded over")
+    p.add_argument("--parallel-experts", default="tp", choices=["tp", "ep"],
+                   help="with N > 1, routed experts split by intermediate dim (tp) or as whole experts (ep)")
 
 
 def _params(args):
@@ -23,10 +32,11 @@ def _params(args):
                           max_tokens=args.max_tokens, seed=args.seed)
 
 
-def _load(model_dir, adapter=None):
+def _load(model_dir, args):
     from mixr.llm import LLM
     from mixr.tiny import default_model_dir
-    return LLM(model_dir or default_model_dir(), device=None, dtype=None, adapter=adapter)
+    return LLM(model_dir or default_model_dir(), device=None, dtype=None, adapter=args.adapter,
+               tensor_parallel_size=args.tensor_parallel_size, parallel_experts=args.parallel_experts)
 
 
 def cmd_generate(args) -> None:
@@ -34,7 +44,7 @@ def cmd_generate(args) -> None:
         model_dir, prompt = None, args.args[0]
     else:
         model_dir, prompt = args.args
-    llm = _load(model_dir, args.adapter)
+    llm = _load(model_dir, args)
     params = _params(args)
     for piece in llm.stream(prompt, params):
         print(piece, end="", flush=True)
@@ -42,7 +52,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    llm = _load(args.model, args.adapter)
+    llm = _load(args.model, args)
     params = _params(args)
     history: list[dict] = []
     if args.system:
@@ -124,13 +134,17 @@ def cmd_serve(args) -> None:
     safety = _safety_config(args)  # first: a classifier model's memory is taken before the KV cache is sized
     model_dir = Path(args.model) if args.model else default_model_dir()
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          gpu_memory_utilization=args.gpu_memory_utilization, adapter=args.adapter)
+                          gpu_memory_utilization=args.gpu_memory_utilization, adapter=args.adapter,
+                          tensor_parallel_size=args.tensor_parallel_size, parallel_experts=args.parallel_experts)
     engine = LLMEngine(model_dir, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                        config=config)
     name = args.served_model_name or model_dir.resolve().name
-    serve(AsyncLLM(engine), name, host=args.host, port=args.port,
-          api_key=args.api_key or os.environ.get("MIXR_API_KEY") or None, max_queue=args.max_queue,
-          shutdown_timeout=args.shutdown_timeout, safety=safety)
+    try:
+        serve(AsyncLLM(engine), name, host=args.host, port=args.port,
+              api_key=args.api_key or os.environ.get("MIXR_API_KEY") or None, max_queue=args.max_queue,
+              shutdown_timeout=args.shutdown_timeout, safety=safety)
+    finally:
+        engine.close()
 
 
 def cmd_train(args) -> None:
@@ -187,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     s.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (peft format), merged on load")
+    _parallel_args(s)
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are aborted")
     s.add_argument("--safety-config", default=None, metavar="FILE",
@@ -233,3 +248,6 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"mixr: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except WorkerError as e:  # a tensor-parallel rank failed (its traceback is in the message)
+        print(f"mixr: error: {e}", file=sys.stderr)
+        sys.exit(1)

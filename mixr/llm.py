@@ -27,7 +27,9 @@ class LLM:
     Extra keyword arguments are EngineConfig fields (block_size, max_num_seqs, max_model_len,
     gpu_memory_utilization, kv_cache_bytes, enable_prefix_caching, cuda_graphs, quantization, ...), e.g.
     moe_dynamic="top_p", moe_top_p=0.9 (a per-token number of routed experts) or expert_offload="cpu",
-    gpu_expert_budget_gb=4 (routed experts beyond the budget in CPU memory).
+    gpu_expert_budget_gb=4 (routed experts beyond the budget in CPU memory), or tensor_parallel_size=N,
+    parallel_experts="ep" (N processes, one per GPU, mixr.engine.distributed; close() or `with LLM(...) as llm:`
+    stops them, as do garbage collection and interpreter exit).
     """
 
     def __init__(self, model: str | Path | CausalLM, device: str | torch.device | None = None,
@@ -37,6 +39,16 @@ class LLM:
         self.model, self.tokenizer, self.device = self.engine.model, self.engine.tokenizer, self.engine.device
         self.config = self.model.config
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (a tensor-parallel LLM cannot generate after)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy new weights into the engine's model in place and reset the prefix cache (LLMEngine.update_weights)."""

@@ -24,6 +24,19 @@ Per call, with the routing on the host (one device-to-host sync per MoE layer):
   Between calls, a decode that keeps missing an expert promotes it: an asynchronous copy into the slot of a
   resident expert used less than half as often, which the next call of that layer waits for on the device.
 
+Bulk path (prefill): a call with at least `bulk_min_tokens` tokens (default 128) replaces steps 2-3. So many
+tokens use nearly every expert (near-uniform routing at 128 tokens: each of V2-Lite's 64 experts, top-6, unused
+with probability 3e-6; V3's 256, top-8: 2%), so the call copies all of the layer's non-resident experts, one
+copy per run of consecutive expert ids (a few large copies instead of two small ones per expert), into one of
+two device buffers of that size shared by every layer (`_Bulk`), and runs them in one fused call. The token
+count is the same in every layer of a forward and the copy does not depend on the routing, so layer l queues
+layer l+1's copy into the other buffer before its own compute (the first MoE layer's copy starts when it runs):
+the side stream copies back to back while the device computes, and a prefill costs about one bus transfer of
+the non-resident experts (naive offload: all experts, and compute waiting for each layer's copy). Below the
+threshold only the experts used cross the bus (or none, on the CPU), which is what decode needs. The buffers
+take 2 x (experts - slots) experts of device memory beyond the budget; bulk_min_tokens=None turns the path off
+and allocates nothing.
+
 The host must see the routing each layer, so CUDA graphs cannot capture this forward: the engine decodes eagerly
 when offload is on. With the whole budget (every expert resident) there is no host round trip at all.
 On a CPU `device` the same code runs with the "device" cache in CPU memory (how the tests exercise it).
@@ -31,6 +44,7 @@ On a CPU `device` the same code runs with the "device" cache in CPU memory (how 
 
 import time
 from dataclasses import dataclass, fields
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -56,6 +70,8 @@ class OffloadStats:
     copied_experts: int = 0   # host-to-device expert copies for calls
     admitted: int = 0         # copied experts that took a cache slot
     promoted: int = 0         # asynchronous promotions after CPU misses
+    bulk_calls: int = 0       # calls that took the bulk path (their copies count in copied_experts)
+    prefetched: int = 0       # bulk calls whose copy the previous layer had started
 
 
 class _Staging:
@@ -140,13 +156,79 @@ def _cpu_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids
     return out
 
 
+class _Bulk:
+    """The bulk path's two device buffers, each the size of one layer's non-resident experts, shared by every
+    layer: layer l computes on one while layer l+1's experts are copied into the other (module docstring)."""
+
+    def __init__(self, experts: int, two_i: int, hidden: int, inter: int, dtype: torch.dtype, device: torch.device,
+                 stream, min_tokens: int):
+        self.min_tokens = min_tokens
+        self.gate_up = torch.empty(2, experts, two_i, hidden, dtype=dtype, device=device)
+        self.down = torch.empty(2, experts, hidden, inter, dtype=dtype, device=device)
+        self.cuda = device.type == "cuda"
+        self.stream = stream  # the staging's side stream: every host-to-device copy of experts in one queue
+        self.ready = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
+        self.free = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
+        # per buffer, what it holds or is being filled with: (layer, its cache version, expert -> position on
+        # the device, the same on the host); None once taken
+        self.held: list[tuple | None] = [None, None]
+        self.next_of: dict = {}  # layer -> the MoE layer that runs after it, whose copy it starts
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+    def fill(self, layer: "OffloadedExperts", b: int) -> None:
+        """Queue the copy of every non-resident expert of `layer` into buffer b, positions in expert order."""
+        missing = [e for e, slot in enumerate(layer.slot_of) if slot < 0]
+        pos = {e: j for j, e in enumerate(missing)}
+        # pinned, so that the upload does not wait for the copies in flight (see OffloadedExperts._run_copied)
+        table = torch.full((layer.num_experts + 1,), -1, dtype=torch.long, pin_memory=self.cuda)
+        table[missing] = torch.arange(len(missing))
+        table = table.to(layer.device, non_blocking=True)
+        runs, j = [], 0  # (first expert, count, first position): consecutive ids are one copy per tensor
+        while j < len(missing):
+            n = 1
+            while j + n < len(missing) and missing[j + n] == missing[j] + n:
+                n += 1
+            runs.append((missing[j], n, j))
+            j += n
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(self.free[b])  # the compute that last read this buffer is done
+                for e, n, j in runs:
+                    self.gate_up[b, j:j + n].copy_(layer.cpu_gate_up[e:e + n], non_blocking=True)
+                    self.down[b, j:j + n].copy_(layer.cpu_down[e:e + n], non_blocking=True)
+                self.ready[b].record(self.stream)
+        else:
+            for e, n, j in runs:
+                self.gate_up[b, j:j + n].copy_(layer.cpu_gate_up[e:e + n])
+                self.down[b, j:j + n].copy_(layer.cpu_down[e:e + n])
+        self.held[b] = (layer, layer.version, table, pos)
+
+    def take(self, layer: "OffloadedExperts") -> tuple[int, torch.Tensor, dict, bool]:
+        """(buffer, expert -> position table on the device and on the host, whether it was prefetched) for
+        `layer`'s call: its prefetched copy when the cache has not changed since, else a copy started now."""
+        prefetched = False
+        for b, h in enumerate(self.held):
+            if h is not None and h[0] is layer and h[1] == layer.version:
+                prefetched = True
+                break
+        else:
+            b = 0  # either buffer may be refilled: the next layer's prefetch goes into the other
+            self.fill(layer, b)
+        _, _, table, pos = self.held[b]
+        self.held[b] = None
+        return b, table, pos, prefetched
+
+
 class OffloadedExperts(nn.Module):
     """Drop-in for `Experts` whose weights live in (pinned) CPU memory, with `slots` of them cached on `device`.
     See the module docstring for what runs where."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, slots: int, device: torch.device,
                  staging: _Staging, cpu_max_tokens: int = 64, half_life_tokens: float = 512.0,
-                 balance: bool = True):
+                 balance: bool = True, bulk: _Bulk | None = None):
         super().__init__()
         E = gate_up.shape[0]
         if not 0 <= slots <= E:
@@ -154,7 +236,7 @@ class OffloadedExperts(nn.Module):
         # Plain attributes, not parameters: model.to() and state_dict() must leave the CPU copies where they are.
         self.cpu_gate_up, self.cpu_down = gate_up, down
         self.num_experts, self.num_slots, self.device = E, slots, device
-        self.staging, self.cpu_max_tokens, self.balance = staging, cpu_max_tokens, balance
+        self.staging, self.cpu_max_tokens, self.balance, self.bulk = staging, cpu_max_tokens, balance, bulk
         self.decay_per_token = 0.5 ** (1.0 / half_life_tokens)
         # Experts 0..slots-1 start resident; frequencies then decide.
         self.gate_up = gate_up[:slots].to(device, copy=True)
@@ -165,6 +247,7 @@ class OffloadedExperts(nn.Module):
         self.slot_table = torch.tensor(self.slot_of + [-1], dtype=torch.long, device=device)
         self.freq = torch.zeros(E, dtype=torch.float64)           # decayed token counts per expert
         self.pending: list[torch.cuda.Event] = []                 # promotions the next call must wait for
+        self.version = 0                                          # bumped when the resident set changes
         self.stats = OffloadStats()
 
     @property
@@ -180,11 +263,19 @@ class OffloadedExperts(nn.Module):
         for ev in self.pending:  # promotions copied since the last call must land before the slots are read
             main.wait_event(ev)
         self.pending.clear()
+        bulk = self.bulk if self.bulk is not None and x.shape[0] >= self.bulk.min_tokens else None
+        if bulk is not None:  # copies queued before anything waits for the routing: this layer's, then the next's
+            b, table, pos, prefetched = bulk.take(self)
+            after = bulk.next_of.get(self)
+            if after is not None and after.num_slots < after.num_experts:
+                bulk.fill(after, b ^ 1)
         # Routing to the host first, so the wait below does not include the resident experts' compute.
         if cuda:
             ids_h = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True).copy_(ids, non_blocking=True)
-            w_h = torch.empty(weights.shape, dtype=weights.dtype, pin_memory=True).copy_(weights, non_blocking=True)
-            x_h = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+            if bulk is None:  # the bulk path computes nothing on the CPU
+                w_h = torch.empty(weights.shape, dtype=weights.dtype, pin_memory=True).copy_(weights,
+                                                                                             non_blocking=True)
+                x_h = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
             routed = torch.cuda.Event()
             routed.record(main)
         else:
@@ -201,7 +292,7 @@ class OffloadedExperts(nn.Module):
         self.freq.mul_(self.decay_per_token ** T).add_(counts.double())
         used = counts.nonzero().flatten().tolist()
         missing = [e for e in used if self.slot_of[e] < 0]
-        on_cpu, copied = self._split(missing, counts.tolist())
+        on_cpu, copied = ([], missing) if bulk is not None else self._split(missing, counts.tolist())
         s = self.stats
         s.calls += 1
         s.tokens += T
@@ -210,7 +301,14 @@ class OffloadedExperts(nn.Module):
         s.copied_pairs += int(counts[copied].sum()) if copied else 0
         s.gpu_pairs += int(counts.sum()) - int(counts[missing].sum() if missing else 0)
 
-        if copied:  # 3. queued on the device (side-stream copies), before the CPU work so that they overlap it
+        if bulk is not None:
+            y = self._run_bulk(x, ids, weights, copied, b, table, pos)
+            s.bulk_calls += 1
+            s.prefetched += prefetched
+            s.copied_experts += len(pos)
+            if y is not None:
+                out = y if out is None else out + y
+        elif copied:  # 3. queued on the device (side-stream copies), before the CPU work so that they overlap it
             y = self._run_copied(x, ids, weights, copied)
             out = y if out is None else out + y
         if on_cpu:  # 2. on the CPU while the device works
@@ -292,6 +390,31 @@ class OffloadedExperts(nn.Module):
         self.stats.copied_experts += len(order)
         return out
 
+    # -- bulk path -------------------------------------------------------------------------------------------
+    def _run_bulk(self, x, ids, weights, used: list[int], b: int, table: torch.Tensor, pos: dict
+                  ) -> torch.Tensor | None:
+        """The non-resident pairs over buffer b (all of this layer's non-resident experts, copied by `_Bulk`);
+        then the used ones more frequent than the least frequent resident take its slot, as in _run_copied."""
+        bk = self.bulk
+        main = torch.cuda.current_stream(self.device) if bk.cuda else None
+        out = None
+        if used:
+            if bk.cuda:
+                main.wait_event(bk.ready[b])
+            out = fused_moe(x, bk.gate_up[b], bk.down[b], table[ids], weights)
+            for e in sorted(used, key=lambda e: -self.freq[e].item()):
+                victim = self._victim()
+                if victim is None or self.freq[e] <= self.freq[self.expert_in[victim]]:
+                    break  # the rest are no more frequent
+                # on the main stream, after this call's resident compute: no reader sees a half-copied slot
+                self.gate_up[victim].copy_(bk.gate_up[b, pos[e]])
+                self.down[victim].copy_(bk.down[b, pos[e]])
+                self._assign(victim, e)
+                self.stats.admitted += 1
+        if bk.cuda:
+            bk.free[b].record(main)
+        return out
+
     # -- cache bookkeeping -----------------------------------------------------------------------------------
     def _victim(self) -> int | None:
         """The slot of the least frequently used resident expert."""
@@ -304,6 +427,7 @@ class OffloadedExperts(nn.Module):
         self.slot_of[old] = -1
         self.slot_of[expert] = slot
         self.expert_in[slot] = expert
+        self.version += 1  # a bulk copy prefetched before this no longer matches the non-resident set
         self.slot_table[old] = -1  # device writes, ordered on the current stream
         self.slot_table[expert] = slot
 
@@ -339,15 +463,18 @@ class OffloadedExperts(nn.Module):
 
 def offload_experts(model: CausalLM, device: str | torch.device, gpu_expert_budget_gb: float,
                     cpu_max_tokens: int = 64, staging_group: int = 4, half_life_tokens: float = 512.0,
-                    balance: bool = True) -> dict:
+                    balance: bool = True, bulk_min_tokens: int | None = 128) -> dict:
     """Turn a model loaded on the CPU into a hybrid one: non-expert weights to `device`, routed experts pinned on
     the host with a device cache of gpu_expert_budget_gb (GB = 1e9 bytes) split evenly over the MoE layers.
+    Calls of at least bulk_min_tokens tokens take the bulk path (None: never; its buffers are not in the budget).
     Returns a summary (slots per layer, bytes on the device)."""
     device = torch.device(device)
     if gpu_expert_budget_gb < 0:
         raise ValueError(f"gpu_expert_budget_gb must be >= 0, got {gpu_expert_budget_gb}")
     if cpu_max_tokens < 0 or staging_group < 1:
         raise ValueError(f"cpu_max_tokens must be >= 0 and staging_group >= 1, got {cpu_max_tokens}, {staging_group}")
+    if bulk_min_tokens is not None and bulk_min_tokens < 1:
+        raise ValueError(f"bulk_min_tokens must be >= 1 or None, got {bulk_min_tokens}")
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     if not moes:
         raise ValueError("expert offload needs a mixture-of-experts model; this one has no routed experts")
@@ -359,24 +486,31 @@ def offload_experts(model: CausalLM, device: str | torch.device, gpu_expert_budg
     slots = min(E, int(gpu_expert_budget_gb * 1e9) // (expert_bytes * len(moes)))
     pin = device.type == "cuda"
     staging = _Staging(min(staging_group, E), two_i, H, two_i // 2, first.gate_up_proj.dtype, device)
+    bulk = None
+    if bulk_min_tokens is not None and slots < E:
+        bulk = _Bulk(E - slots, two_i, H, two_i // 2, first.gate_up_proj.dtype, device, staging.stream,
+                     bulk_min_tokens)
     for m in moes:
         gate_up, down = m.experts.gate_up_proj.detach(), m.experts.down_proj.detach()
         del m.experts  # one layer at a time, so pinning never holds two copies of every expert
         if pin:
             gate_up, down = gate_up.pin_memory(), down.pin_memory()
         m.experts = OffloadedExperts(gate_up, down, slots, device, staging, cpu_max_tokens, half_life_tokens,
-                                     balance)
+                                     balance, bulk)
+    if bulk is not None:  # modules() lists the layers in the order they run; a wrong order only loses overlap
+        bulk.next_of = {a.experts: b.experts for a, b in pairwise(moes)}
     model.to(device)  # everything that is still a parameter or buffer: all but the routed experts
     costs = staging.calibrate(moes[0].experts.cpu_gate_up, moes[0].experts.cpu_down)
     return {"costs": costs, "moe_layers": len(moes), "experts_per_layer": E, "slots_per_layer": slots,
             "expert_bytes": expert_bytes, "gpu_expert_bytes": slots * expert_bytes * len(moes),
-            "staging_bytes": staging.nbytes, "cpu_expert_bytes": E * expert_bytes * len(moes)}
+            "staging_bytes": staging.nbytes, "bulk_min_tokens": bulk.min_tokens if bulk else None,
+            "bulk_bytes": bulk.nbytes if bulk else 0, "cpu_expert_bytes": E * expert_bytes * len(moes)}
 
 
 def load_offloaded(model_dir: str | Path, device: str | torch.device, dtype: str | torch.dtype | None,
                    gpu_expert_budget_gb: float, **options) -> CausalLM:
     """load_model on the CPU, then `offload_experts` (options: cpu_max_tokens, staging_group, half_life_tokens,
-    balance)."""
+    balance, bulk_min_tokens)."""
     model = load_model(model_dir, device="cpu", dtype=dtype)
     model.offload_summary = offload_experts(model, device, gpu_expert_budget_gb, **options)
     return model

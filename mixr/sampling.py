@@ -1,5 +1,6 @@
 """Per-request sampling settings and the batched sampler."""
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -59,12 +60,12 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
-def make_generator(params: SamplingParams, device: torch.device, offset: int = 0) -> torch.Generator | None:
-    """A private generator per seeded request (offset: the sample index for n > 1), so its samples do not
-    depend on what else is in the batch."""
-    if params.greedy or params.seed is None:
+def make_rng(params: SamplingParams, offset: int = 0) -> random.Random | None:
+    """A private random stream per sampled sequence (offset: the sample index for n > 1): one uniform per token,
+    so a seeded request's tokens do not depend on what else is in the batch. Unseeded ones draw a fresh seed."""
+    if params.greedy:
         return None
-    return torch.Generator(device=device).manual_seed(params.seed + offset)
+    return random.Random(params.seed + offset if params.seed is not None else random.getrandbits(64))
 
 
 def apply_penalties(logits: torch.Tensor, prompt: list[int], output: list[int], p: SamplingParams) -> torch.Tensor:
@@ -80,7 +81,7 @@ def apply_penalties(logits: torch.Tensor, prompt: list[int], output: list[int], 
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p on one row (vocab,)."""
+    """Temperature, then top-k, top-p and min-p on one row (vocab,): the reference for filtered_probs."""
     logits = logits / p.temperature
     if 0 < p.top_k < logits.shape[-1]:
         kth = logits.topk(p.top_k).values[-1]
@@ -96,10 +97,37 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """filter_logits(row, p).softmax(-1) for every row at once (B, V): one sort for the batch, and only when some
+    row asks for top-k or top-p. Ties with the k-th logit are kept, as in filter_logits."""
+    B, V = logits.shape
+    dev = logits.device
+    x = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
+    top_p = [p.top_p for p in params]
+    if min(top_k) < V or min(top_p) < 1:
+        vals, order = x.sort(-1, descending=True)
+        if min(top_k) < V:
+            kth = vals.gather(1, torch.tensor(top_k, device=dev)[:, None] - 1)
+            vals = vals.masked_fill(vals < kth, float("-inf"))
+        if min(top_p) < 1:
+            probs = vals.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= torch.tensor(top_p, device=dev)[:, None]
+            vals = vals.masked_fill(drop, float("-inf"))
+        x = torch.empty_like(x).scatter_(1, order, vals)
+    probs = x.softmax(-1)
+    min_p = [p.min_p for p in params]
+    if max(min_p) > 0:
+        floor = torch.tensor(min_p, device=dev)[:, None] * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
 @dataclass(slots=True)
 class SampleRequest:
     params: SamplingParams
-    generator: torch.Generator | None
+    rng: random.Random | None  # make_rng's stream: one uniform per sampled token; None for greedy
     prompt_token_ids: list[int]
     output_token_ids: list[int]
 
@@ -117,29 +145,33 @@ def _watermark_context(r: SampleRequest) -> list[int]:
 
 
 def sample_batch(logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
-    """One token per row of logits (B, vocab). Greedy rows take the argmax; the others draw with the
-    exponential race argmax(p / E), E ~ Exp(1), using each seeded request's own generator, so a seeded
-    request's tokens do not depend on the batch. One host sync for the whole batch."""
+    """One token per row of logits (B, vocab). Greedy rows take the argmax; the others invert their filtered
+    distribution's CDF at one uniform from the request's own stream, so a seeded request's tokens do not depend
+    on the batch. The sampled rows are filtered and drawn together (a fixed number of kernels, not a few per
+    row: at batch 512 a per-row loop was most of a small model's decode step). One host sync for the batch."""
     logits = raw = logits.float()
     B, V = logits.shape
     marked = [i for i, r in enumerate(reqs) if r.params.watermark is not None]
+    penalized = [i for i, r in enumerate(reqs) if r.params.penalized]
+    if marked or penalized:
+        logits = logits.clone()
     if marked:
         # The bias steers the choice only: returned logprobs stay the model's own (raw), which is what the
         # audit and perplexity want. Added before penalties and temperature, as HF's WatermarkLogitsProcessor.
-        logits = logits.clone()
         apply_watermark(logits, marked, [reqs[i].params.watermark for i in marked],
                         [_watermark_context(reqs[i]) for i in marked])
+    for i in penalized:  # rare, and each row needs its own token history
+        apply_penalties(logits[i], reqs[i].prompt_token_ids, reqs[i].output_token_ids, reqs[i].params)
     choice = logits.argmax(-1)
-    special = [i for i, r in enumerate(reqs) if not r.params.greedy or r.params.penalized]
-    for i in special:
-        r, p = reqs[i], reqs[i].params
-        row = logits[i]
-        if p.penalized:
-            row = apply_penalties(row.clone(), r.prompt_token_ids, r.output_token_ids, p)
-        if not p.greedy:
-            probs = filter_logits(row, p).softmax(-1)
-            row = probs / torch.empty_like(probs).exponential_(generator=r.generator)
-        choice[i] = row.argmax()
+    rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        probs = filtered_probs(logits[idx], [reqs[i].params for i in rows])
+        cdf = probs.cumsum(-1)
+        # 1 - random() is in (0, 1]: the target lands on a token of nonzero probability
+        u = torch.tensor([1.0 - reqs[i].rng.random() for i in rows], device=logits.device)[:, None]
+        pick = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1)
+        choice[idx] = pick[:, 0]
     want_lp = [r.params.logprobs is not None for r in reqs]
     if not any(want_lp):
         return Sampled(choice.tolist(), [None] * B)

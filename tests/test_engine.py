@@ -1,5 +1,7 @@
 """The engine (paged, continuously batched, prefix-cached, chunked, preempted) against the reference path."""
 
+import random
+
 import pytest
 import torch
 
@@ -149,7 +151,7 @@ def test_penalties_on_hand_built_logits():
 
 def test_min_p_filters():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    g = torch.Generator().manual_seed(0)
+    g = random.Random(0)
     params = SamplingParams(temperature=1.0, min_p=0.4, seed=0)  # keeps p >= 0.2
     got = {sample_batch(logits[None], [SampleRequest(params, g, [], [])]).token_ids[0] for _ in range(200)}
     assert got == {0, 1}

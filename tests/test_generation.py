@@ -1,5 +1,6 @@
 """LLM.generate / chat / stream, sampling options, and the CLI, on a tiny DeepSeek-V3 checkpoint."""
 
+import random
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from mixr import LLM, SamplingParams
-from mixr.sampling import SampleRequest, sample_batch
+from mixr.sampling import SampleRequest, filter_logits, filtered_probs, sample_batch
 from mixr.tokenizer import Tokenizer
 
 
@@ -40,16 +41,49 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch(llm):
 
 def test_top_k_and_top_p_filters():
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.0])
-    g = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
 
     def draws(params, n):
-        return {sample_batch(logits[None], [SampleRequest(params, g, [], [])]).token_ids[0] for _ in range(n)}
+        return {sample_batch(logits[None], [SampleRequest(params, rng, [], [])]).token_ids[0] for _ in range(n)}
 
     assert draws(SamplingParams(temperature=1.0, top_k=1), 20) == {1}
     assert draws(SamplingParams(temperature=1.0, top_k=2), 200) == {1, 2}
     # probs ~ [.02, .44, .40, .01, .16]: top_p=0.8 keeps the two best (0.44 < 0.8 <= 0.84)
     assert draws(SamplingParams(temperature=1.0, top_p=0.8), 300) == {1, 2}
     assert draws(SamplingParams(temperature=0), 1) == {1}
+
+
+def test_batched_filters_equal_the_row_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    logits[2, :4] = logits[2, 10]  # ties with the k-th value are kept, as in the reference
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=5),
+              SamplingParams(temperature=1.0, top_k=11), SamplingParams(temperature=1.3, top_p=0.7),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05), SamplingParams(temperature=1, min_p=0.2)]
+    got = filtered_probs(logits, params)
+    want = torch.stack([filter_logits(logits[i], p).softmax(-1) for i, p in enumerate(params)])
+    torch.testing.assert_close(got, want)
+    assert ((got > 0).sum(-1) < 50).tolist() == [False, True, True, True, True, True]
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    # 4000 draws from one row per step, mixed with greedy and other rows: each token's frequency is within
+    # 4.5 standard errors of its probability, and a token of zero probability (after top_k) never comes up
+    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0, 0.5, -3.0], [0.0, 5.0, 0.0, 0.0, 0.0, 0.0]])
+    p = SamplingParams(temperature=0.9, top_k=4)
+    probs = filter_logits(logits[0], p).softmax(-1)
+    rng, other = random.Random(3), random.Random(4)
+    counts = torch.zeros(6)
+    for _ in range(4000):
+        out = sample_batch(logits[[1, 0, 1]], [SampleRequest(SamplingParams(temperature=0), None, [], []),
+                                              SampleRequest(p, rng, [], []),
+                                              SampleRequest(SamplingParams(temperature=2.0), other, [], [])])
+        assert out.token_ids[0] == 1
+        counts[out.token_ids[1]] += 1
+    freq = counts / 4000
+    se = (probs * (1 - probs) / 4000).sqrt()
+    assert ((freq - probs).abs() <= 4.5 * se + 1e-9).all(), (freq, probs)
+    assert counts[probs == 0].sum() == 0 and (probs == 0).sum() == 2
 
 
 def test_stop_string_spanning_tokens(llm):

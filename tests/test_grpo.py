@@ -336,7 +336,7 @@ def test_recipe_configs_load():
     sft = load_config(recipe / "sft.toml", tokenizer="t")
     assert sft.model_config["model_type"] == "deepseek_v3" and sft.model_config["topk_method"] == "noaux_tc"
     grpo = load_config(recipe / "grpo.toml", GRPOConfig, model="m")
-    assert grpo.prompts_per_step * grpo.group_size >= 256 and grpo.beta == 0.0
+    assert grpo.prompts_per_step * grpo.group_size >= 256 and grpo.beta == 0.04
 
 
 def test_cli_train_grpo(start, tmp_path):

@@ -1,6 +1,8 @@
 """CPU+GPU hybrid experts (mixr.offload). On a CPU the "device" cache is CPU memory, which exercises the cache
 logic, the CPU-compute and the copy-in paths: outputs must equal the plain model's for every budget."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from mixr import LLM, SamplingParams
 from mixr.checkpoint import load_model
 from mixr.engine.llm_engine import EngineConfig
 from mixr.kernels import fused_moe, fused_moe_ref
-from mixr.offload import OffloadedExperts, _Staging, offload_experts, offload_stats
+from mixr.offload import OffloadedExperts, _Bulk, _Staging, offload_experts, offload_stats
 
 NAME = "deepseek_v3_noaux_tc"  # 16 experts, top-3, two MoE layers
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -54,6 +56,68 @@ def test_offloaded_model_matches_the_plain_model(checkpoint, slots, cpu_max_toke
         assert stats["copied_pairs"] == 0 and stats["admitted"] == 0
 
 
+@pytest.mark.parametrize("slots", [0, 1, 5])
+def test_bulk_path_matches_the_plain_model(checkpoint, slots):
+    """Calls of >= 4 tokens take the bulk path (every non-resident expert copied in, the next layer's copy started
+    by the one before); 1-token-per-sequence calls between them take the per-expert path and change the cache."""
+    path = checkpoint(NAME)
+    plain = load_model(path, dtype="float32", progress=False)
+    hybrid = load_model(path, dtype="float32", progress=False)
+    budget = slots * 2 * expert_bytes(path) / 1e9
+    summary = offload_experts(hybrid, "cpu", budget, cpu_max_tokens=4, staging_group=3, balance=False,
+                              bulk_min_tokens=4)
+    assert summary["bulk_min_tokens"] == 4 and summary["bulk_bytes"] == 2 * (16 - slots) * expert_bytes(path)
+    g = torch.Generator().manual_seed(2)
+    lengths = (37, 1, 3, 1, 1, 20)
+    for L in lengths:
+        ids = torch.randint(3, VOCAB, (2, L), generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(hybrid(ids), plain(ids), rtol=1e-5, atol=1e-5)
+    stats = offload_stats(hybrid)
+    bulk = sum(2 * L >= 4 for L in lengths)
+    assert stats["pairs"] == 2 * 2 * sum(lengths) * 3
+    assert stats["gpu_pairs"] + stats["cpu_pairs"] + stats["copied_pairs"] == stats["pairs"]
+    assert stats["bulk_calls"] == 2 * bulk and stats["prefetched"] == bulk  # the second MoE layer's, each time
+    assert stats["copied_experts"] >= 2 * bulk * (16 - slots)
+    if slots:
+        assert stats["admitted"] > 0  # the bulk path still fills the cache with the most used experts
+
+
+def chain(n, slots, min_tokens, E=8, H=32, I=16, device="cpu", dtype=torch.float32):
+    """n offloaded layers sharing staging and bulk buffers, each one's copy started by the one before."""
+    cases = [layer_case(E, H, I, seed=i, dtype=dtype) for i in range(n)]
+    staging = _Staging(2, 2 * I, H, I, dtype, torch.device(device))
+    bulk = _Bulk(E - slots, 2 * I, H, I, dtype, torch.device(device), staging.stream, min_tokens)
+    pin = torch.device(device).type == "cuda"
+    layers = [OffloadedExperts(gu.pin_memory() if pin else gu, dn.pin_memory() if pin else dn, slots,
+                               torch.device(device), staging, cpu_max_tokens=0, half_life_tokens=64, balance=False,
+                               bulk=bulk) for gu, dn in cases]
+    bulk.next_of = dict(pairwise(layers))
+    return cases, layers
+
+
+def test_bulk_prefetch_is_used_only_while_the_cache_is_unchanged():
+    (a_w, b_w), (a, b) = chain(2, slots=3, min_tokens=10)
+    g = torch.Generator().manual_seed(3)
+
+    def call(layer, weights, T, hot=()):
+        x = torch.randn(T, 32, generator=g)
+        ids, w = routing(T, 8, 3, list(hot), g, "cpu")
+        torch.testing.assert_close(layer(x, ids, w), fused_moe_ref(x, *weights, ids, w))
+
+    call(a, a_w, 40)  # bulk: copies a's 5 non-resident experts, then starts b's
+    assert a.stats.bulk_calls == 1 and a.stats.prefetched == 0 and a.bulk.held[1][0] is b
+    version = b.version
+    call(b, b_w, 3, hot=[5, 6])  # per-expert path: 5 and 6 copied in take slots, so b's prefetch is stale
+    assert b.stats.bulk_calls == 0 and b.stats.admitted > 0 and b.version > version
+    call(b, b_w, 40)  # and b copies again, for its new non-resident set
+    assert b.stats.bulk_calls == 1 and b.stats.prefetched == 0
+    call(a, a_w, 40)
+    call(b, b_w, 40)  # this time the prefetch matches
+    assert b.stats.bulk_calls == 2 and b.stats.prefetched == 1 and a.bulk.held == [None, None]
+    assert sum(s >= 0 for s in b.slot_of) == 3 and b.slot_table.tolist() == b.slot_of + [-1]
+
+
 def test_engine_with_offload_generates_what_the_plain_engine_does(checkpoint):
     path = checkpoint(NAME)
     ps = prompts()
@@ -66,6 +130,13 @@ def test_engine_with_offload_generates_what_the_plain_engine_does(checkpoint):
         stats = offload_stats(llm.model)
         assert stats["resident_experts"] == 2 * budget_slots and stats["pairs"] > 0
         assert llm.engine.runner.graphs == {}
+    # the bulk path inside the engine: the prefill step (79 tokens) takes it, the decode steps (<= 4) do not
+    llm = LLM(path, device="cpu", dtype="float32", block_size=8, expert_offload="cpu",
+              gpu_expert_budget_gb=3 * 2 * expert_bytes(path) / 1e9)
+    next(m for m in llm.model.modules() if isinstance(m, OffloadedExperts)).bulk.min_tokens = 8  # shared
+    assert [o.token_ids for o in llm.generate(ps, GREEDY)] == expected
+    stats = offload_stats(llm.model)
+    assert stats["bulk_calls"] == 2 and stats["prefetched"] == 1 and stats["calls"] > 2
     # dynamic routing passes its dropped (-1) pairs through the offloaded layers
     dyn = dict(moe_dynamic="top_p", moe_top_p=0.6)
     want = [o.token_ids for o in LLM(path, device="cpu", dtype="float32", block_size=8, **dyn).generate(ps, GREEDY)]
@@ -159,6 +230,10 @@ def test_bad_offload_settings(checkpoint):
         offload_experts(load_model(checkpoint("qwen3"), progress=False), "cpu", 1.0)
     with pytest.raises(ValueError, match="gpu_expert_budget_gb"):
         offload_experts(load_model(checkpoint(NAME), progress=False), "cpu", -1.0)
+    with pytest.raises(ValueError, match="bulk_min_tokens"):
+        offload_experts(load_model(checkpoint(NAME), progress=False), "cpu", 0.0, bulk_min_tokens=0)
+    summary = offload_experts(load_model(checkpoint(NAME), progress=False), "cpu", 0.0, bulk_min_tokens=None)
+    assert summary["bulk_bytes"] == 0 and summary["bulk_min_tokens"] is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -178,3 +253,23 @@ def test_offloaded_layer_on_cuda_matches_all_on_gpu(cpu_max_tokens, balance):
         assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
     torch.cuda.synchronize()
     assert 9 in layer.expert_in and 12 in layer.expert_in
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bulk_path_on_cuda_matches_all_on_gpu():
+    """Three layers run as in a forward, prefill-sized (bulk, side-stream copies prefetched a layer ahead) and
+    decode-sized (per-expert) in turn."""
+    cases, layers = chain(3, slots=4, min_tokens=64, E=16, H=256, I=128, device="cuda", dtype=torch.bfloat16)
+    on_gpu = [(gu.cuda(), dn.cuda()) for gu, dn in cases]
+    g = torch.Generator().manual_seed(9)
+    sizes = (300, 1, 2, 500, 1, 64)
+    for T in sizes:
+        for layer, (gu, dn) in zip(layers, on_gpu):
+            x = torch.randn(T, 256, generator=g).to("cuda", torch.bfloat16)
+            ids, w = routing(T, 16, 4, [3, 11], g, "cuda")
+            out, ref = layer(x, ids, w).float(), fused_moe(x, gu, dn, ids, w).float()
+            assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    torch.cuda.synchronize()
+    bulk = sum(T >= 64 for T in sizes)
+    assert [m.stats.bulk_calls for m in layers] == [bulk] * 3
+    assert [m.stats.prefetched for m in layers] == [0, bulk, bulk]

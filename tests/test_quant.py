@@ -211,7 +211,9 @@ def test_quantize_cli_round_trip_and_generation(v3, tmp_path):
     quantize_model(in_memory, "rtn", 4, 32, zero_point=True)
     with torch.no_grad():
         got = loaded(ids)
-        torch.testing.assert_close(got, in_memory(ids), rtol=0, atol=0)
+        # the same packed weights; torch 2.11's CPU matmuls may sum in another order for the in-memory tensors'
+        # layouts than for the loaded contiguous ones, so float32 rounding, not exact equality
+        torch.testing.assert_close(got, in_memory(ids), rtol=1e-5, atol=1e-5)
     rel = ((got - ref).norm() / ref.norm()).item()
     assert 0.01 < rel < 0.6  # int4 on a random model with large weights: clearly perturbed, still correlated
 
@@ -240,7 +242,7 @@ def test_quantized_round_trip_other_families(checkpoint, tmp_path, name, args):
         assert attn.q_proj.bias is not None and type(loaded.model.layers[0].mlp.shared_expert_gate) is torch.nn.Linear
     ids = ids_for(2, 16, seed=4)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids), in_memory(ids), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(ids), in_memory(ids), rtol=1e-5, atol=1e-5)  # as in the test above
 
 
 def test_gptq_checkpoint_lowers_error_vs_rtn(v3, tmp_path):

@@ -430,7 +430,7 @@ def test_sample_batch_biases_green_tokens_per_row():
         assert [t for t, _ in out.logprobs[i][1]] == lp[i].topk(2).indices.tolist()
     # sampled rows: with a huge delta every token drawn is green
     hot = SamplingParams(temperature=1.0, watermark=WatermarkConfig("row", delta=50.0))
-    gen = torch.Generator().manual_seed(1)
+    gen = random.Random(1)
     for step in range(20):
         tok = sample_batch(logits[:1].clone(), [SampleRequest(hot, gen, [step], [])]).token_ids[0]
         assert is_green(hot.watermark, [step], tok)

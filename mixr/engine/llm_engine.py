@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 import torch
 
 from mixr.checkpoint import load_model, resolve_dtype
+from mixr.engine.distributed import ParallelRunner, Workers
 from mixr.engine.model_runner import ModelRunner
 from mixr.engine.scheduler import Scheduler, SchedulerConfig
 from mixr.engine.sequence import Sequence
 from mixr.layers.moe import check_dynamic, set_dynamic_experts
 from mixr.models.base import CausalLM
 from mixr.offload import load_offloaded
-from mixr.sampling import SampleRequest, SamplingParams, make_generator
+from mixr.sampling import SampleRequest, SamplingParams, make_rng
 from mixr.tokenizer import Tokenizer
 
 
@@ -52,6 +54,11 @@ class EngineConfig:
     # KV cache storage: "auto" (the model dtype) or "fp8" (float8_e4m3fn, per-tensor scale 1.0: mixr.kv_cache),
     # which holds twice the tokens of a bf16 cache in the same memory
     kv_cache_dtype: str = "auto"
+    # tensor parallelism (mixr.engine.distributed): this process and tensor_parallel_size - 1 workers, rank r on
+    # cuda:r, each with its shard; routed experts split by "tp" (each expert's intermediate dim) or "ep" (whole
+    # experts per rank)
+    tensor_parallel_size: int = 1
+    parallel_experts: str = "tp"
 
     def __post_init__(self):
         if self.adapter and (self.quantization or self.expert_offload):
@@ -72,6 +79,12 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not 1 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two up to 256, got {self.block_size}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.parallel_experts not in ("tp", "ep"):
+            raise ValueError(f"parallel_experts must be 'tp' or 'ep', got {self.parallel_experts!r}")
+        if self.tensor_parallel_size > 1 and (self.quantization or self.expert_offload):
+            raise ValueError("tensor_parallel_size > 1 does not combine with quantization or expert_offload yet")
 
 
 @dataclass
@@ -203,7 +216,15 @@ class LLMEngine:
                  dtype: str | torch.dtype | None = None, config: EngineConfig | None = None,
                  tokenizer: Tokenizer | None = None):
         self.config = config = config or EngineConfig()
-        if isinstance(model, CausalLM):
+        self.workers: Workers | None = None
+        if config.tensor_parallel_size > 1:
+            if isinstance(model, CausalLM):
+                raise ValueError("tensor_parallel_size > 1 loads a model directory on every rank; save the model "
+                                 "first (an in-memory model's weights can follow with update_weights)")
+            # this process is rank 0: the workers and it each load their shard and build their runner
+            self.workers = Workers(model, device, dtype, config)
+            self.device, self.model = self.workers.device, self.workers.model
+        elif isinstance(model, CausalLM):
             if config.adapter:
                 raise ValueError("adapter applies to a model directory; merge it into an in-memory model yourself")
             if config.expert_offload:
@@ -227,15 +248,18 @@ class LLMEngine:
             if config.adapter:
                 from mixr.train.lora import load_adapter, merge_lora
                 merge_lora(load_adapter(self.model, config.adapter))
-        if config.moe_dynamic:
+        if config.moe_dynamic and self.workers is None:  # tensor parallel: load_shard set it on every rank
             set_dynamic_experts(self.model, config.moe_dynamic, config.moe_top_p, config.moe_entropy_scale,
                                 config.moe_k_min, config.moe_k_max)
         self.tokenizer = tokenizer or Tokenizer.from_dir(model)
         self.max_model_len = config.max_model_len or self.model.config.max_position_embeddings
-        self.runner = ModelRunner(self.model, config.block_size, self.max_model_len, config.max_num_seqs,
-                                  config.max_num_batched_tokens, config.gpu_memory_utilization,
-                                  config.kv_cache_bytes, config.cuda_graphs and not config.expert_offload,
-                                  kv_cache_dtype=config.kv_cache_dtype)
+        if self.workers is not None:
+            self.runner = ParallelRunner(self.workers)
+        else:
+            self.runner = ModelRunner(self.model, config.block_size, self.max_model_len, config.max_num_seqs,
+                                      config.max_num_batched_tokens, config.gpu_memory_utilization,
+                                      config.kv_cache_bytes, config.cuda_graphs and not config.expert_offload,
+                                      kv_cache_dtype=config.kv_cache_dtype)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=self.runner.num_blocks,
@@ -244,7 +268,7 @@ class LLMEngine:
             eos_token_ids=self.tokenizer.stop_token_ids)
         self.requests: dict[str, _Request] = {}
         self._by_seq: dict[int, tuple[_Request, int]] = {}
-        self._generators: dict[int, torch.Generator | None] = {}
+        self._rngs: dict[int, random.Random | None] = {}
         self._seq_ids = itertools.count()
 
     # -- requests ----------------------------------------------------------------------------------------------
@@ -282,7 +306,7 @@ class LLMEngine:
         self.requests[request_id] = req
         for i, s in enumerate(seqs):
             self._by_seq[s.seq_id] = (req, i)
-            self._generators[s.seq_id] = make_generator(params, self.device, offset=i)
+            self._rngs[s.seq_id] = make_rng(params, offset=i)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks."""
@@ -303,27 +327,36 @@ class LLMEngine:
         fly, then forget the prefix cache (its KV came from the old weights). In place, because captured CUDA
         graphs read the weights at fixed addresses. `weights`: a state dict or (name, tensor) pairs under the
         model's own names (e.g. `policy.named_parameters()` of a module of the same architecture); a subset is
-        fine. Refused while requests are running. Returns the number of tensors copied."""
+        fine; under tensor parallelism they are the full, unsharded tensors. Refused while requests are running.
+        Returns the number of tensors copied."""
         if self.requests:
             raise RuntimeError(f"cannot update weights while {len(self.requests)} requests are running")
-        own = dict(self.model.named_parameters(remove_duplicate=False)) | dict(self.model.named_buffers())
-        n = 0
-        for name, value in (weights.items() if isinstance(weights, Mapping) else weights):
-            dst = own.get(name)
-            if dst is None:
-                raise ValueError(f"update_weights: the model has no tensor {name!r}")
-            if dst.shape != value.shape:
-                raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the model's is "
-                                 f"{tuple(dst.shape)}")
-            dst.copy_(value)
-            n += 1
+        if self.workers is not None:  # tensor parallel: full tensors in, every rank copies its shard
+            n = self.workers.update_weights(weights)
+        else:
+            own = dict(self.model.named_parameters(remove_duplicate=False)) | dict(self.model.named_buffers())
+            n = 0
+            for name, value in (weights.items() if isinstance(weights, Mapping) else weights):
+                dst = own.get(name)
+                if dst is None:
+                    raise ValueError(f"update_weights: the model has no tensor {name!r}")
+                if dst.shape != value.shape:
+                    raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, the model's is "
+                                     f"{tuple(dst.shape)}")
+                dst.copy_(value)
+                n += 1
         if not self.scheduler.block_manager.reset_prefix_cache():  # unreachable with no request running
             raise RuntimeError("KV blocks are still in use; the prefix cache cannot be reset")
         return n
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (garbage collection and interpreter exit do it too)."""
+        if self.workers is not None:
+            self.workers.close()
+
     def _forget(self, seq: Sequence) -> None:
         self._by_seq.pop(seq.seq_id, None)
-        self._generators.pop(seq.seq_id, None)
+        self._rngs.pop(seq.seq_id, None)
 
     # -- one step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -348,7 +381,7 @@ class LLMEngine:
         sampled = None
         if keep:
             seqs = [batch.seqs[i] for i in sampled_rows]
-            reqs = [SampleRequest(s.params, self._generators[s.seq_id], s.prompt_token_ids,
+            reqs = [SampleRequest(s.params, self._rngs[s.seq_id], s.prompt_token_ids,
                                   s.token_ids[s.num_prompt_tokens:] if s.params.penalized or s.params.watermark else [])
                     for s in seqs]
             sampled = self.runner.sample(logits[keep] if len(keep) < len(rows) else logits, reqs)

@@ -1,5 +1,7 @@
 """The one place that touches the device: KV-cache allocation, input tensors, forward, sampling, CUDA graphs."""
 
+from collections.abc import Callable
+
 import torch
 
 from mixr.engine.block_manager import slot_mapping
@@ -15,7 +17,8 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
-                 kv_cache_bytes: int | None = None, cuda_graphs: bool = True, kv_cache_dtype: str = "auto"):
+                 kv_cache_bytes: int | None = None, cuda_graphs: bool = True, kv_cache_dtype: str = "auto",
+                 min_over_ranks: Callable[[int], int] | None = None):
         self.model, self.block_size, self.max_model_len = model, block_size, max_model_len
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
@@ -35,6 +38,8 @@ class ModelRunner:
             # Never more than every running sequence at full length could hold, twice over for the prefix cache:
             # on a CPU this keeps a 2 GiB zero-fill from dominating start-up for small models.
             budget = min(budget, 2 * max_num_seqs * max_model_len * self.kv_bytes_per_token)
+            if min_over_ranks is not None:  # tensor parallel: rank 0's block tables must hold on every rank
+                budget = min_over_ranks(budget)
         self.num_blocks = int(budget // (self.kv_bytes_per_token * block_size))
         if self.num_blocks < 1:
             raise MemoryError(f"no memory left for the KV cache (budget {budget / 2**20:.0f} MiB, "

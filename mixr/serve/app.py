@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server: a FastAPI app over AsyncLLM (build_app), run by uvicorn (serve)."""
 
 import hmac
+import threading
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -9,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from mixr.engine.async_engine import AsyncLLM
+from mixr.engine.distributed import WorkerError
 from mixr.safety import SafetyConfig
 from mixr.serve.endpoints import chat_completions, completions
 from mixr.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
@@ -153,8 +155,18 @@ def serve(engine: AsyncLLM, model_name: str, host: str = "127.0.0.1", port: int 
           max_queue: int = 256, shutdown_timeout: float = 30.0, log_level: str = "info",
           safety: SafetyConfig | None = None) -> None:
     """Serve until SIGINT/SIGTERM. Shutdown is uvicorn's graceful one: the socket closes, in-flight requests get
-    shutdown_timeout seconds to finish, then their tasks are cancelled (which aborts them in the engine)."""
+    shutdown_timeout seconds to finish, then their tasks are cancelled (which aborts them in the engine).
+    A tensor-parallel engine whose worker fails shuts the server down the same way, then raises WorkerError."""
     app = build_app(engine, model_name, api_key, max_queue, safety)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    workers = getattr(engine.engine, "workers", None)
+    if workers is not None:  # every step after a failure fails: stop serving rather than answer 500s
+        def stop_on_failure() -> None:
+            workers.failed.wait()
+            server.should_exit = True
+        threading.Thread(target=stop_on_failure, name="mixr-tp-failure", daemon=True).start()
+    server.run()
+    if workers is not None and workers.error is not None:
+        raise WorkerError(workers.error)

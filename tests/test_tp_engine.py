@@ -1,0 +1,160 @@
+"""The tensor-parallel engine (mixr.engine.distributed): LLM(tensor_parallel_size=2) on 2 CPU processes over gloo
+against the single-process engine, update_weights, abort, close, and a failed worker (an error, never a hang)."""
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import FAMILIES, make_hf_checkpoint
+
+from mixr import LLM, SamplingParams, load_model
+from mixr.engine.distributed import WorkerError, shard_of
+from mixr.parallel import shard_model
+
+PREFIX = list(range(30, 62))  # two full blocks: the second call's prompts find them in the prefix cache
+PROMPTS = [[5, 7, 9, 11], [100, 3, 44, 12, 99, 18, 7], PREFIX + [1, 2, 3], list(range(200, 250))]
+AGAIN = [PREFIX + [4, 5, 6, 7, 8], [9, 8, 7]]
+# max_num_batched_tokens 32: the 50-token prompt is prefilled in chunks, alongside decodes
+CONFIG = dict(device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=32)
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Rank 0 (this process) and the worker share the CI machine's 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def generate(llm: LLM) -> list[list[int]]:
+    out = llm.generate(PROMPTS, GREEDY)
+    again = llm.generate(AGAIN, GREEDY)
+    assert again[0].metrics.num_cached_tokens == len(PREFIX)
+    return [o.token_ids for o in out + again]
+
+
+def assert_no_workers() -> None:
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("mixr-rank")]
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2_greedy", "deepseek_v3_noaux_tc", "qwen2_moe", "qwen3_moe", "mixtral"])
+def test_tp_and_ep_engines_match_one_process(name, checkpoint):
+    path = checkpoint(name)
+    single = LLM(path, **CONFIG)
+    assert single.engine.workers is None and not torch.distributed.is_initialized()  # TP=1: no processes, no group
+    assert_no_workers()
+    expected = generate(single)
+    for experts in ("tp", "ep"):
+        with LLM(path, tensor_parallel_size=2, parallel_experts=experts, **CONFIG) as llm:
+            assert llm.engine.runner.num_blocks == single.engine.runner.num_blocks
+            assert llm.model.parallel == (0, 2, experts)
+            assert generate(llm) == expected, experts
+        assert_no_workers()
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_noaux_tc", "qwen2_moe", "mixtral"])
+def test_shard_of_cuts_what_shard_model_cuts(name, checkpoint):
+    """update_weights' slicing of a full tensor, against shard_model's own shards (no process group needed)."""
+    path = checkpoint(name)
+    full = load_model(path, dtype=torch.float32, progress=False).state_dict()
+    for experts in ("tp", "ep"):
+        for rank in (0, 1):
+            model = shard_model(load_model(path, dtype=torch.float32, progress=False), rank, 2, experts=experts)
+            for key, shard in model.state_dict().items():
+                assert torch.equal(shard_of(key, full[key], shard.shape, rank, 2), shard), (experts, rank, key)
+    with pytest.raises(ValueError, match="not the whole of this rank's shard"):
+        shard_of("lm_head.weight", torch.zeros(7, 64), torch.Size([256, 64]), 0, 2)
+
+
+def test_update_weights_abort_and_close(checkpoint, tmp_path):
+    name = "deepseek_v3_noaux_tc"
+    other = make_hf_checkpoint(tmp_path / "other", *FAMILIES[name], seed=1)
+    expected = generate(LLM(other, **CONFIG))
+    llm = LLM(checkpoint(name), tensor_parallel_size=2, **CONFIG)
+    procs = llm.engine.workers.procs
+    stream = llm.stream([1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    next(stream)
+    stream.close()  # aborts the request: its blocks are free, the workers never knew it
+    assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="no tensor 'nope'"):
+        llm.update_weights({"nope": torch.zeros(1)})
+    with pytest.raises(ValueError, match="lm_head.weight has shape"):  # checked before anything is sent
+        llm.update_weights({"lm_head.weight": torch.zeros(3, 64)})
+    weights = load_model(other, dtype=torch.float32, progress=False).state_dict()
+    assert llm.update_weights(weights) == len(weights)
+    assert generate(llm) == expected
+    llm.close()
+    assert not any(p.is_alive() for p in procs)
+    assert_no_workers()
+    with pytest.raises(WorkerError, match="closed"):
+        llm.generate([[1, 2, 3]], GREEDY)
+
+
+def test_worker_exception_is_an_error_in_rank_0(checkpoint):
+    llm = LLM(checkpoint("mixtral"), tensor_parallel_size=2, **CONFIG)
+    llm.engine.workers.send(("no such command",))  # the worker raises ValueError and exits
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"worker 1 failed:\n(.|\n)*ValueError: unknown command") as e:
+        llm.generate(PROMPTS, GREEDY)
+    assert time.monotonic() - t < 10 and isinstance(e.value, WorkerError)
+    with pytest.raises(WorkerError, match="worker 1 failed"):  # and at every call after
+        llm.generate(PROMPTS, GREEDY)
+    assert not any(p.is_alive() for p in llm.engine.workers.procs)
+    assert_no_workers()
+
+
+def workers_of(pid: int) -> list[int]:
+    """The spawned children of process `pid` (not multiprocessing's resource tracker)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+            if int(fields[1]) == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                out.append(int(stat.parent.name))
+    return out
+
+
+def test_mixr_serve_tensor_parallel_exits_when_a_worker_dies(checkpoint, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mixr", "serve", str(checkpoint("deepseek_v2_greedy")), "--port", str(port),
+           "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "8", "--served-model-name", "m",
+           "--tensor-parallel-size", "2", "--parallel-experts", "ep"]
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "server.log").read()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        r = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": [5, 7, 9, 11], "max_tokens": 10,
+                                                       "temperature": 0, "ignore_eos": True}, timeout=30).json()
+        assert r["usage"]["completion_tokens"] == 10
+        (worker,) = workers_of(proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        assert proc.wait(30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    text = log.read()
+    assert f"mixr: error: tensor-parallel worker 1 (pid {worker}) was killed by SIGKILL" in text, text
+    assert "Traceback" not in text, text
