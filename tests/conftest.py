@@ -1,6 +1,12 @@
 """Tiny random checkpoints written by transformers (the reference), shared by the tests."""
 
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +101,31 @@ def checkpoint(tmp_path_factory):
         return made[key]
 
     return get
+
+
+def start_mixr_serve(args: list[str], log_path: Path, env: dict | None = None):
+    """`python -m mixr serve *args --port P` on a free loopback port, its output in log_path, this checkout first on
+    PYTHONPATH; returns (process, base URL, the open log file) once /health answers 200, asserting with the log
+    that the process lives and answers within 60 s. The caller stops the process and closes the log."""
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **(env or {})}
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "mixr", "serve", *args, "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    return proc, base, log
+            time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        log.close()
+        raise

@@ -21,6 +21,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import start_mixr_serve
 
 from mixr.engine.async_engine import AsyncLLM
 from mixr.engine.llm_engine import CompletionOutput, EngineConfig, LLMEngine, RequestMetrics, RequestOutput
@@ -845,23 +846,12 @@ def test_cli_safety_flags(model_dir, tmp_path):
     (tmp_path / "safety.toml").write_text('[filter]\nkeywords = {weapons = ["pipe bomb"]}\n'
                                           '[watermark]\nkey = "from-the-file"\ndelta = 4.0\n')
     log = tmp_path / "audit.jsonl"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MIXR_WATERMARK_KEY": "from-the-env", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "mixr", "serve", str(model_dir), "--port", str(port), "--device", "cpu",
-           "--served-model-name", "m", "--safety-config", str(tmp_path / "safety.toml"), "--audit-log", str(log)]
-    out = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    env = {"MIXR_WATERMARK_KEY": "from-the-env"}
+    args = [str(model_dir), "--device", "cpu", "--served-model-name", "m"]
+    proc, base, out = start_mixr_serve(
+        args + ["--safety-config", str(tmp_path / "safety.toml"), "--audit-log", str(log)], tmp_path / "server.log",
+        env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "server.log").read()
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
         r = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": "a pipe bomb"}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
         r = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": "Alice has", "max_tokens": 200,
@@ -877,7 +867,8 @@ def test_cli_safety_flags(model_dir, tmp_path):
     # the environment's key replaces the file's; the file's gamma/delta stay
     assert detect(text, tok, key="from-the-env").z_score > 4 and abs(detect(text, tok, key="from-the-file").z_score) < 4
     assert [json.loads(line)["filter"][0]["allowed"] for line in log.read_text().splitlines()] == [False, True]
-    bad = subprocess.run(cmd[:-4] + ["--safety-config", str(tmp_path / "nope.yaml")], env=env, capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "mixr", "serve", *args, "--safety-config", str(tmp_path / "nope.yaml")],
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), **env}, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -891,24 +882,10 @@ def test_import_mixr_does_not_import_the_server():
 @pytest.mark.parametrize("shutdown_timeout, max_tokens, finishes", [(20, 400, True), (0.5, 2000, False)])
 def test_mixr_serve_drains_on_sigterm(model_dir, tmp_path, shutdown_timeout, max_tokens, finishes):
     """SIGTERM closes the listening socket; the stream in flight finishes, or is cut once the timeout passes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MIXR_API_KEY": "k", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "mixr", "serve", str(model_dir), "--port", str(port), "--device", "cpu",
-           "--dtype", "float32", "--max-num-seqs", "8", "--served-model-name", "m",
-           "--shutdown-timeout", str(shutdown_timeout)]
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base, log = start_mixr_serve(
+        [str(model_dir), "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "8", "--served-model-name", "m",
+         "--shutdown-timeout", str(shutdown_timeout)], tmp_path / "server.log", env={"MIXR_API_KEY": "k"})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "server.log").read()
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
         headers = {"Authorization": "Bearer k"}
         body = {"model": "m", "prompt": "Ivan", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
         rest = []

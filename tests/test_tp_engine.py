@@ -5,16 +5,13 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import FAMILIES, make_hf_checkpoint
+from conftest import FAMILIES, make_hf_checkpoint, start_mixr_serve
 
 from mixr import LLM, SamplingParams, load_model
 from mixr.engine.distributed import WorkerError, shard_of
@@ -126,24 +123,11 @@ def workers_of(pid: int) -> list[int]:
 
 
 def test_mixr_serve_tensor_parallel_exits_when_a_worker_dies(checkpoint, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mixr", "serve", str(checkpoint("deepseek_v2_greedy")), "--port", str(port),
-           "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "8", "--served-model-name", "m",
-           "--tensor-parallel-size", "2", "--parallel-experts", "ep"]
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base, log = start_mixr_serve(
+        [str(checkpoint("deepseek_v2_greedy")), "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "8",
+         "--served-model-name", "m", "--tensor-parallel-size", "2", "--parallel-experts", "ep"],
+        tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "server.log").read()
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
         r = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": [5, 7, 9, 11], "max_tokens": 10,
                                                        "temperature": 0, "ignore_eos": True}, timeout=30).json()
         assert r["usage"]["completion_tokens"] == 10
