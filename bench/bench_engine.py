@@ -193,7 +193,10 @@ def bench_mixr(path: Path, vocab: int, prompt_len: int, new: int, offline_n: int
            "graph_batch_sizes": sorted(llm.engine.runner.graphs),
            "max_num_seqs": 512}
     greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    llm.generate(random_prompts(4, prompt_len, vocab, seed=99), SamplingParams(temperature=0, max_tokens=16))
+    # warm-up: every batch shape below compiles its Triton kernels here, not inside a timed run (a 1 x prompt_len
+    # prefill takes other tile configs than 4 x prompt_len)
+    for n in (1, 4):
+        llm.generate(random_prompts(n, prompt_len, vocab, seed=99), SamplingParams(temperature=0, max_tokens=16))
     for B in (1, 32, 256):
         ps = random_prompts(B, prompt_len, vocab, seed=1000 + B)
         sync()

@@ -113,7 +113,7 @@ def patch_kernels(counter: KernelCounter, fused: bool) -> list:
 
     def moe_launches(x, gate_up, down, ids, weights, **_):
         cfg = moe_k.moe_config(x.shape[0], x.shape[1], down.shape[2])
-        return 2 + (0 if cfg.get("FUSE_K", True) else 1) if cfg["path"] == "gemv" else 6
+        return 2 if cfg["path"] == "gemv" else 6
 
     moe_layer = importlib.import_module("mixr.layers.moe")
     paged = importlib.import_module("mixr.engine.paged_cache")
@@ -218,11 +218,12 @@ def cuda_kernels_per_step(runner, ids, pos, meta) -> tuple[int, float, dict]:
     return sum(c for c, _ in by_name.values()), sum(t for _, t in by_name.values()), top
 
 
-def cuda_measure(shape: str, depths: list[int], context: int, replays: int) -> dict:
+def cuda_measure(shape: str, depths: list[int], context: int, replays: int, quantization: str | None = None
+                 ) -> dict:
     from bench_engine import SHAPES  # bench/ is on sys.path when this file runs as a script
 
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": shape, "context": context,
-           "depths": {}}
+           "quantization": quantization, "depths": {}}
     for n in depths:
         hf = dict(SHAPES[shape], num_hidden_layers=n)
         torch.manual_seed(0)
@@ -234,6 +235,10 @@ def cuda_measure(shape: str, depths: list[int], context: int, replays: int) -> d
             torch.set_default_dtype(torch.float32)
         model = model.to("cuda").eval()  # the rotary inv_freq buffer is made on the CPU
         model.init_weights(std=0.02)
+        if quantization:
+            from mixr.quant import quantize_model
+            from mixr.quant.quantize import auto_group_size
+            quantize_model(model, bits=int(quantization[3:]), group_size=auto_group_size(model))
         row = {}
         logits = {}
         prompt = torch.randint(1000, hf["vocab_size"] - 1000, (context,)).tolist()  # one prompt for both paths
@@ -299,11 +304,13 @@ def main() -> None:
     ap.add_argument("--shape", default="v2-lite", help="--device cuda: a bench_engine.py shape")
     ap.add_argument("--depths", default="2,4", help="--device cuda: two or more layer counts to difference")
     ap.add_argument("--replays", type=int, default=200)
+    ap.add_argument("--quantization", choices=("int8", "int4"), default=None,
+                    help="--device cuda: quantize the model (round to nearest, the largest int4 group that fits) first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.device == "cuda":
         result = cuda_measure(args.shape, [int(d) for d in args.depths.split(",")], args.context or 512,
-                              args.replays)
+                              args.replays, args.quantization)
     else:
         result = {name: count_model(name, hf, args.context or 40, not args.no_fused) for name, hf in MODELS.items()}
     text = json.dumps(result, indent=2)

@@ -95,3 +95,40 @@ def test_routing_stays_float32_under_autocast(checkpoint):
         out = model(ids)  # used to fail: bf16 routing weights reached the experts
     assert weights.dtype == logits.dtype == torch.float32
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_noaux_tc", "deepseek_v2_greedy"])  # q_a_proj / q_proj with kv_a
+def test_mla_fused_input_projections(name, checkpoint):
+    """The engine's one-GEMM projection of x (MLAttention.fuse_input_projections): same logits, same parameters
+    and names, in-place weight updates reach it, and autograd or a moved model takes the separate linears."""
+    from mixr.layers.mla import MLAttention
+    model = load_model(checkpoint(name), dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(ids)
+    params, keys = dict(model.named_parameters()), set(model.state_dict())
+    attns = [m for m in model.modules() if isinstance(m, MLAttention)]
+    assert all(a.fuse_input_projections() for a in attns)
+    assert dict(model.named_parameters()) == params and set(model.state_dict()) == keys  # same objects
+    calls = []
+    handle = torch.nn.functional.linear
+    torch.nn.functional.linear = lambda x, w, b=None: calls.append(w.shape) or handle(x, w, b)
+    try:
+        with torch.no_grad():
+            got = model(ids)
+    finally:
+        torch.nn.functional.linear = handle
+    assert rel_err(got, ref) < 1e-6
+    fused_rows = attns[0]._fused_in.shape[0]
+    assert calls.count(torch.Size((fused_rows, 64))) == len(attns)  # one fused GEMM per layer ran
+    q = attns[0]._input_linears()[0]
+    with torch.no_grad():
+        q.weight.copy_(q.weight.roll(1, 0))  # an in-place update (LLM.update_weights) reaches the fused weight
+        assert torch.equal(attns[0]._fused_in[:q.out_features], q.weight)
+        changed = model(ids)
+    assert rel_err(changed, ref) > 1e-3
+    model(ids).sum().backward()  # grad mode: the separate linears, so gradients reach the parameters
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+    model.double()  # new storage: the stale fused weight must not be used
+    with torch.no_grad():
+        assert rel_err(model(ids).float(), changed) < 1e-5

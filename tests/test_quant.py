@@ -416,22 +416,38 @@ def test_fp8_weight_without_its_scale(tmp_path):
 
 # ---------------------------------------------------------------- GPU: kernels inside the engine
 
-def positionwise(a: list[list[int]], b: list[list[int]]) -> float:
-    return sum(x == y for p, q in zip(a, b) for x, y in zip(p, q)) / sum(len(p) for p in a)
+def forced_gaps(model, prompts: list[list[int]], outputs: list[list[int]]) -> torch.Tensor:
+    """How far below its best logit the reference forward of `model` puts each token the engine chose, run on the
+    engine's own tokens (teacher forcing). Greedy paths of two implementations part at the first near-tie and
+    then compare unrelated text; this stays a per-token check of the kernels. A random tiny model's bf16 logits
+    tie exactly now and then, so 0 everywhere is too strict and agreement of whole sequences measures luck."""
+    gaps = []
+    dev = model.lm_head.weight.device
+    with torch.inference_mode():
+        for p, out in zip(prompts, outputs):
+            logits = model(torch.tensor([p + out], device=dev))[0, len(p) - 1:-1].float()
+            gaps.append(logits.max(-1).values - logits[torch.arange(len(out)), torch.tensor(out, device=dev)])
+    return torch.cat(gaps)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_engine_on_cuda_captures_graphs(v3, quantization):
-    """The quantized forward has no host sync (the decode CUDA graphs are captured) and the engine generates what
-    the eager contiguous-cache reference does with the same quantized model."""
-    from mixr.reference import reference_generate
+    """The quantized forward has no host sync (the decode CUDA graphs are captured) and the tokens the engine picks
+    are the argmax of the eager reference forward of the same quantized model, to bf16 rounding."""
     llm = LLM(v3, device="cuda", dtype="bfloat16", quantization=quantization, max_num_seqs=8, max_model_len=256)
     assert llm.engine.runner.graphs
+    moe = llm.model.model.layers[1].mlp  # its shared expert runs inside the quantized routed kernels at decode
+    assert isinstance(moe.experts, QuantExperts) and moe._fused_shared(torch.ones(1, device="cuda")) is not None
     prompts = [ids_for(1, 12, seed=s)[0].tolist() for s in range(4)]
     got = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
-    # bf16 kernels of other shapes round differently, so a near-tie may flip: most tokens, not all
-    assert positionwise(reference_generate(llm.model, prompts, 16), got) > 0.9
+    gaps = forced_gaps(llm.model, prompts, got)
+    # Logits here have std ~0.5 and bf16 steps of 1/128-1/64. Decode runs the shared expert inside the routed
+    # kernels (fp32 until silu * up) while the reference's prefill-sized forward runs it as separate linears, so
+    # roundings differ, and where a router is near a tie one token can take another expert: on an H100, int4 had
+    # one position of 64 at a gap of 0.30 (deterministic; 0.008 with the fusion off), all others <= 1/64. A wrong
+    # kernel puts most picks a good fraction of the logit spread below the best.
+    assert (gaps <= 0.05).sum() >= len(gaps) - 2 and gaps.max() <= 0.5, gaps
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -445,10 +461,12 @@ def test_fp8_native_engine_on_cuda(tmp_path):
     assert native.engine.runner.graphs and isinstance(native.model.model.layers[0].mlp.down_proj, Fp8Linear)
     got = [o.token_ids for o in native.generate(prompts, params)]
     del native
-    deq = LLM(tmp_path / "fp8", device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=256)
-    want = [o.token_ids for o in deq.generate(prompts, params)]
-    # on FP8 tensor cores the activations are rounded to e4m3 too, so this agrees less than int8 does
-    assert positionwise(want, got) > 0.75
+    deq = load_model(tmp_path / "fp8", device="cuda", dtype=torch.bfloat16)  # weights dequantized to bf16
+    gaps = forced_gaps(deq, prompts, got)
+    # FP8 tensor cores also round the activations to e4m3 (per 128-wide group), which the bf16 model does not, and
+    # where a router is near a tie that can move a token to another expert. On an H100 (logit std 0.57): gaps up
+    # to 0.16 at a few positions and one of 0.52. A wrong kernel puts most picks far below the best.
+    assert gaps.mean() <= 0.06 and (gaps > 0.2).sum() <= 3, gaps
 
 
 # ---------------------------------------------------------------- bad input

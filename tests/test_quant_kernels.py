@@ -348,6 +348,43 @@ def test_fused_moe_quant_interpreter(kind, path):
     assert out.shape == x.shape and rel_err(out, ref) < 1e-2
 
 
+def quant_shared_inputs(H, I, S, bits, G, zp, dtype=torch.float32, device="cpu", seed=50):
+    """A shared SwiGLU expert of width S * I, packed: (gate, up, down) and the float64 function it computes."""
+    (gate, g64), (up, u64) = (quant_weight((S * I, H), bits, G, zp, dtype, device, seed + i) for i in range(2))
+    down, d64 = quant_weight((H, S * I), bits, G, zp, dtype, device, seed + 2)
+
+    def f64(x):
+        x = x.double().cpu()
+        return (F.silu(x @ g64.T) * (x @ u64.T)) @ d64.T
+    return (gate, up, down), f64
+
+
+@pytest.mark.parametrize("kind", list(QUANT_KINDS))
+def test_fused_moe_quant_shared_reference(kind):
+    bits, G, zp = QUANT_KINDS[kind]
+    args, (gu64, dn64) = moe_quant_inputs(3, 8, 2, 256, 128, bits, G, zp)
+    shared, f64 = quant_shared_inputs(256, 128, 2, bits, G, zp)
+    want = moe_float64(args[0], gu64, dn64, args[3], args[4]) + f64(args[0])
+    assert rel_err(fm.fused_moe_quant(*args, bits, shared=shared), want) < 1e-5
+
+
+@pytest.mark.skipif(not (INTERPRET or CUDA), reason="needs TRITON_INTERPRET=1 and triton, or CUDA")
+@pytest.mark.parametrize("kind", list(QUANT_KINDS))
+@pytest.mark.parametrize("T,S", [(1, 2), (3, 1)])
+def test_fused_moe_quant_gemv_runs_shared_expert(kind, T, S):
+    """The shared expert as S more pairs per token in the quantized GEMV kernels (and a skipped routed pair), the
+    last pair of each token to finish summing them."""
+    bits, G, zp = QUANT_KINDS[kind]
+    dev, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float16)
+    args, (gu64, dn64) = moe_quant_inputs(T, 8, 3, 256, 128, bits, G, zp, dtype, dev, seed=T)
+    shared, f64 = quant_shared_inputs(256, 128, S, bits, G, zp, dtype, dev)
+    x, _, _, ids, w = args
+    want = moe_float64(x.cpu(), gu64, dn64, ids.cpu(), w.cpu()) + f64(x)
+    for _ in range(2):  # the arrival counters are zero again after a call
+        out = fm.fused_moe_quant_triton(*args, bits, fm._qgemv(8, 128, 16, 128), shared=shared)
+        assert out.shape == x.shape and rel_err(out.cpu(), want) < 1e-2
+
+
 @needs_interpreter
 @pytest.mark.parametrize("M,cfg", [(3, None), (5, dict(f8.fp8_config(5), waves=50, MIN_STEPS=1)), (70, None)])
 def test_fp8_block_linear_interpreter(M, cfg):

@@ -8,6 +8,7 @@ from mixr.engine.block_manager import slot_mapping
 from mixr.engine.paged_cache import PagedCache, PagedStep, StepMeta
 from mixr.engine.sequence import Sequence
 from mixr.kernels.gemv import install_skinny
+from mixr.layers.mla import MLAttention
 from mixr.models.base import CausalLM
 from mixr.sampling import SampleRequest, Sampled, sample_batch
 
@@ -26,6 +27,10 @@ class ModelRunner:
         # the KV budget is taken, so the timing's weight copies are freed by then).
         self.skinny_report: dict = {}
         if cuda_graphs and self.device.type == "cuda":
+            # MLA's two projections of x as one GEMM (before install_skinny, which wants plain nn.Linear)
+            for m in model.modules():
+                if isinstance(m, MLAttention):
+                    m.fuse_input_projections()
             install_skinny(model, report=self.skinny_report)
         self.kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else self.dtype
         shapes = model.config.cache_shapes()

@@ -6,8 +6,9 @@ with gate_up[e] = cat([W_gate (I, H), W_up (I, H)]) and down[e] (H, I), the F.li
 
 CUDA path (bf16/fp16, Triton), no host sync anywhere, so a CUDA graph can capture it:
   small batch (T * k up to a few dozen pairs): two GEMV-style kernels, no sorting. Program (pair, n-tile) streams
-      its expert's gate and up rows once and writes silu(g) * u; program (token, n-tile) streams the k selected
-      experts' down rows and sums the weighted results in registers, so the sum over k costs nothing extra.
+      its expert's gate and up rows once and writes silu(g) * u; program (pair, n-tile) streams its expert's down
+      rows and stores its weighted fp32 result, and the last of a token's pairs to finish (an arrival counter,
+      mixr.kernels.arrivals) sums them, so the sum over k needs no kernel of its own.
   otherwise: (a) align: the T*k (token, expert) pairs are grouped by expert on the GPU into a padded list of
       fixed worst-case length T*k + E*(BLOCK_M-1), each expert's run padded to a multiple of BLOCK_M, with the
       expert of every BLOCK_M-row block and the number of used blocks as device tensors; (b) grouped GEMM for
@@ -33,14 +34,16 @@ except ImportError:  # CPU-only installs: the reference path serves
 
 HAS_TRITON = triton is not None
 
-from mixr.kernels.quant_gemm import check_packed, dequantize  # noqa: E402
+from mixr.kernels.arrivals import arrival_counters  # noqa: E402
+from mixr.kernels.quant_gemm import check_packed, dequantize, quant_linear  # noqa: E402
 
 if HAS_TRITON:
     from mixr.kernels.quant_gemm import qgemv_rows, qmm_loop  # jit helpers of the quantized experts
 
 # Tile configs by (H, I) of the expert, then by batch: the first entry whose max_T >= T is used.
 #   gemv: small-batch path. UP_N/UP_K tile the gate+up GEMV, DOWN_N/DOWN_K the down GEMV; FUSE_K sums over k
-#         inside the down kernel (one program per token) instead of one program per pair plus a sum.
+#         inside the down kernel (one program per token) instead of one program per pair, the last to finish
+#         summing.
 #   gemm: grouped path. BLOCK_M is shared by both GEMMs (it sets the alignment); "up" and "down" give
 #         BLOCK_N, BLOCK_K, GROUP_M (programs along M launched together, so they share weight tiles in L2),
 #         num_warps, num_stages for each GEMM.
@@ -313,15 +316,33 @@ if HAS_TRITON:
             u += tl.sum(tl.load(u_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32) * xk[None, :], 1)
         tl.store(act_ptr + p * I + offs_n, (g * tl.sigmoid(g) * u).to(act_ptr.dtype.element_ty), mask=offs_n < I)
 
+    @triton.jit
+    def sum_pairs_last(acc, part_ptr, cnt_ptr, out_ptr, r, kk, offs_n, H, stride_om):
+        # Program (pair r, n-tile) of a grid over (T * kk pairs, n-tiles): store this pair's fp32 part, count it in on
+        # its (token, n-tile) counter, and if it arrives last, sum the token's kk parts in pair order (the same
+        # rounding whichever program is last) into out[t]. Zeroes the counter again (mixr.kernels.arrivals).
+        t = r // kk
+        n_mask = offs_n < H
+        tl.store(part_ptr + r.to(tl.int64) * H + offs_n, acc, mask=n_mask)
+        tl.debug_barrier()  # every thread's part is stored before the (release) arrival is counted
+        cnt = cnt_ptr + t * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == kk - 1:
+            tl.store(cnt, 0)
+            total = tl.zeros(acc.shape, tl.float32)
+            for j in range(kk):  # .cg: from L2, never a stale L1 line (other programs wrote these parts)
+                total += tl.load(part_ptr + (t * kk + j).to(tl.int64) * H + offs_n, mask=n_mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+
     @triton.jit(do_not_specialize=["top_k", "n_shared"])
-    def _moe_gemv_down_kernel(act_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, sd_ptr, H, I, top_k, n_shared,
-                              stride_we, stride_wn, stride_wk, stride_sn, stride_om,
+    def _moe_gemv_down_kernel(act_ptr, w_ptr, ids_ptr, topk_w_ptr, out_ptr, sd_ptr, part_ptr, cnt_ptr,
+                              H, I, top_k, n_shared, stride_we, stride_wn, stride_wk, stride_sn, stride_om,
                               PER_TOKEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               EVEN_K: tl.constexpr):
-        # out[r, n] = sum over this program's pairs p of w[p] * down[e(p)][n, :] . act[p, :], pairs laid out as in
-        # the gate_up kernel (the shared slices j >= top_k read columns of sd (H, n_shared * I), weight 1).
-        # PER_TOKEN: row r is token r and the sum over its pairs stays in registers (no extra pass); otherwise
-        # row r is pair r (more programs, for more loads in flight at tiny T), summed afterwards.
+        # out[t, n] = sum over token t's pairs p of w[p] * down[e(p)][n, :] . act[p, :], pairs laid out as in the
+        # gate_up kernel (the shared slices j >= top_k read columns of sd (H, n_shared * I), weight 1).
+        # PER_TOKEN: program r is token r and the sum over its pairs stays in registers; otherwise program r is pair
+        # r (more programs, for more loads in flight at tiny T) and the last of a token's pairs to finish sums them.
         r = tl.program_id(0)
         pid_n = tl.program_id(1)
         kk = top_k + n_shared
@@ -355,7 +376,10 @@ if HAS_TRITON:
                     a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
                     acc += tl.sum(tl.load(w_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32) * a[None, :], 1)
                 out += weight * acc
-        tl.store(out_ptr + r * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < H)
+        if PER_TOKEN:
+            tl.store(out_ptr + r * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < H)
+        else:
+            sum_pairs_last(out, part_ptr, cnt_ptr, out_ptr, r, kk, offs_n, H, stride_om)
 
     @triton.jit(do_not_specialize=["top_k"])
     def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, H, top_k, BLOCK_N: tl.constexpr):
@@ -410,13 +434,15 @@ def _fused_moe_gemv(x, gate_up, down, ids, weights, T, H, I, k, cfg, shared=None
     _moe_gemv_gate_up_kernel[(T * kk, triton.cdiv(I, cfg["UP_N"]))](
         x, gate_up, ids, act, sg, su, H, I, k, s, x.stride(0), *gate_up.stride(), sg.stride(0),
         BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], EVEN_K=H % cfg["UP_K"] == 0, num_warps=cfg["num_warps"])
-    per_token = cfg.get("FUSE_K", True)
-    out = torch.empty(T if per_token else T * kk, H, dtype=x.dtype, device=x.device)  # per pair: weighted outputs
-    _moe_gemv_down_kernel[(out.shape[0], triton.cdiv(H, cfg["DOWN_N"]))](
-        act, down, ids, weights, out, sd, H, I, k, s, *down.stride(), sd.stride(0), out.stride(0),
-        PER_TOKEN=per_token, BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], EVEN_K=I % cfg["DOWN_K"] == 0,
-        num_warps=cfg["num_warps"])
-    return out if per_token else out.view(T, kk, H).sum(1)  # sums in fp32, rounds once
+    n_tiles = triton.cdiv(H, cfg["DOWN_N"])
+    cnt = None if cfg.get("FUSE_K", True) else arrival_counters(x.device, T * n_tiles)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    part = torch.empty(T * kk, H, dtype=torch.float32, device=x.device) if cnt is not None else out  # fp32 parts
+    _moe_gemv_down_kernel[(T if cnt is None else T * kk, n_tiles)](
+        act, down, ids, weights, out, sd, part, cnt if cnt is not None else ids, H, I, k, s, *down.stride(),
+        sd.stride(0), out.stride(0), PER_TOKEN=cnt is None, BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"],
+        EVEN_K=I % cfg["DOWN_K"] == 0, num_warps=cfg["num_warps"])
+    return out
 
 
 def _fused_moe_gemm(x, gate_up, down, ids, weights, T, H, E, I, k, cfg):
@@ -552,43 +578,69 @@ def fused_moe_quant_ref(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantT
 
 if HAS_TRITON:
 
-    @triton.jit(do_not_specialize=["top_k"])
-    def _moe_qgemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, H, I, top_k,
+    @triton.jit(do_not_specialize=["top_k", "n_shared"])
+    def _moe_qgemv_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, act_ptr, gw_ptr, gs_ptr, gz_ptr,
+                                  uw_ptr, us_ptr, uz_ptr, H, I, top_k, n_shared,
                                   stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
+                                  stride_swn, stride_ssn, stride_szn,
                                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # act[p, n] = silu(gate[e] x[t]) * (up[e] x[t]) for pair p = t*top_k + j
+        # act[p, n] = silu(gate[e] x[t]) * (up[e] x[t]) for pair p = t*(top_k + n_shared) + j; pairs j >= top_k are
+        # the shared expert's I-wide slices j - top_k of its packed gate (gw/gs/gz) and up (uw/us/uz) weights.
         p = tl.program_id(0)
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        if e < 0:
-            return  # a skipped pair: its act row is never read
+        kk = top_k + n_shared
+        t = p // kk
+        j = p % kk
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        # One pass over 2*BLOCK_N rows, the tile's gate rows then its up rows: twice the bytes in flight per step
-        # and x loaded once. Rows wrap instead of being masked (dropped at the store).
-        r = tl.arange(0, 2 * BLOCK_N)
-        rows = ((tl.program_id(1) * BLOCK_N + r % BLOCK_N) % I + (r // BLOCK_N) * I).to(tl.int64)
-        gu = qgemv_rows(x_ptr + (p // top_k) * stride_xm, w_ptr + e * stride_we, s_ptr + e * stride_se,
-                        z_ptr + e * stride_ze, rows, stride_wn, stride_sn, stride_zn, 0, H, BITS, GROUP, HAS_Z,
-                        2 * BLOCK_N, BLOCK_K)
-        g, u = tl.split(tl.trans(tl.reshape(gu, (2, BLOCK_N))))
+        x_row = x_ptr + t * stride_xm
+        if j < top_k:
+            e = tl.load(ids_ptr + t * top_k + j).to(tl.int64)
+            if e < 0:
+                return  # a skipped pair: its act row is never read
+            # One pass over 2*BLOCK_N rows, the tile's gate rows then its up rows: twice the bytes in flight per
+            # step and x loaded once. Rows wrap instead of being masked (dropped at the store).
+            r = tl.arange(0, 2 * BLOCK_N)
+            rows2 = ((tl.program_id(1) * BLOCK_N + r % BLOCK_N) % I + (r // BLOCK_N) * I).to(tl.int64)
+            gu = qgemv_rows(x_row, w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_ze, rows2,
+                            stride_wn, stride_sn, stride_zn, 0, H, BITS, GROUP, HAS_Z, 2 * BLOCK_N, BLOCK_K)
+            g, u = tl.split(tl.trans(tl.reshape(gu, (2, BLOCK_N))))
+        else:
+            srows = ((j - top_k) * I + offs_n % I).to(tl.int64)
+            g = qgemv_rows(x_row, gw_ptr, gs_ptr, gz_ptr, srows, stride_swn, stride_ssn, stride_szn, 0, H,
+                           BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K)
+            u = qgemv_rows(x_row, uw_ptr, us_ptr, uz_ptr, srows, stride_swn, stride_ssn, stride_szn, 0, H,
+                           BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K)
         tl.store(act_ptr + p * I + offs_n, (g * tl.sigmoid(g) * u).to(act_ptr.dtype.element_ty), mask=offs_n < I)
 
-    @triton.jit
-    def _moe_qgemv_down_kernel(act_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, topk_w_ptr, y_ptr, H, I,
+    @triton.jit(do_not_specialize=["top_k", "n_shared"])
+    def _moe_qgemv_down_kernel(act_ptr, w_ptr, s_ptr, z_ptr, ids_ptr, topk_w_ptr, out_ptr, dw_ptr, ds_ptr, dz_ptr,
+                               part_ptr, cnt_ptr, H, I, top_k, n_shared,
                                stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
+                               stride_swn, stride_ssn, stride_szn, stride_om,
                                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y[p, n] = w[p] * down[e] act[p] (zeros for a skipped pair, so the sum over k may read every row)
+        # part[p, n] = w[p] * down[e] act[p] for pair p (laid out as in the gate_up kernel; the shared slice j >=
+        # top_k reads columns (j - top_k) * I .. + I of the packed shared down dw/ds/dz (H, n_shared * I), weight
+        # 1); the last of a token's pairs to finish sums them into out[t].
         p = tl.program_id(0)
-        e = tl.load(ids_ptr + p).to(tl.int64)
+        kk = top_k + n_shared
+        t = p // kk
+        j = p % kk
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = (offs_n % H).to(tl.int64)
         acc = tl.zeros((BLOCK_N,), tl.float32)
-        if e >= 0:
-            acc = qgemv_rows(act_ptr + p * I, w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_ze,
-                             rows, stride_wn, stride_sn, stride_zn, 0, I, BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K)
-            acc = acc * tl.load(topk_w_ptr + p)
-        tl.store(y_ptr + p * H + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < H)
+        if j < top_k:
+            e = tl.load(ids_ptr + t * top_k + j).to(tl.int64)
+            if e >= 0:  # a skipped pair adds zeros
+                acc = qgemv_rows(act_ptr + p * I, w_ptr + e * stride_we, s_ptr + e * stride_se,
+                                 z_ptr + e * stride_ze, rows, stride_wn, stride_sn, stride_zn, 0, I,
+                                 BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K)
+                acc = acc * tl.load(topk_w_ptr + t * top_k + j)
+        else:
+            c0 = (j - top_k) * I  # qgemv_rows indexes x by absolute column: shift act back by c0
+            acc = qgemv_rows(act_ptr + p * I - c0, dw_ptr, ds_ptr, dz_ptr, rows, stride_swn, stride_ssn, stride_szn,
+                             c0, c0 + I, BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K)
+        sum_pairs_last(acc, part_ptr, cnt_ptr, out_ptr, p, kk, offs_n, H, stride_om)
 
     @triton.jit(do_not_specialize=["n_pairs", "max_blocks_m", "a_row_div"])
     def _moe_qgemm_kernel(
@@ -630,7 +682,9 @@ if HAS_TRITON:
 
 
 # gemv: UP_N/UP_K and DOWN_N/DOWN_K tile the two GEMVs (int4: K tiles are whole groups); gemm: BLOCK_M and per GEMM
-# BLOCK_N, BLOCK_K (int8 only: int4 steps one group), GROUP_M, num_warps, num_stages. bench/bench_quant_kernels.py.
+# BLOCK_N, BLOCK_K (int8 only: int4 steps one group), GROUP_M, num_warps, num_stages. bench/bench_quant_kernels.py;
+# the gemv tiles by bench/tune_quant_moe.py on an H100 at DeepSeek-V2-Lite's shape with the shared expert fused
+# (int4 g64, T=1: 37.1 -> 33.9 us; T=8: 194 -> 181 us. int8, T=1: 42.2 -> 41.3 us).
 def _qgemv(up_n, up_k, down_n, down_k, warps=4):
     return dict(path="gemv", UP_N=up_n, UP_K=up_k, DOWN_N=down_n, DOWN_K=down_k, num_warps=warps)
 
@@ -640,9 +694,12 @@ def _qgemm(bm, up, down):
     return dict(path="gemm", BLOCK_M=bm, up=dict(zip(keys, up)), down=dict(zip(keys, down)))
 
 
-def moe_quant_config(T: int, H: int, I: int, bits: int) -> dict:
+def moe_quant_config(T: int, H: int, I: int, bits: int, group: int = 0) -> dict:
+    """group: the int4 group size; the gemv K tiles are at least one group."""
     if T <= 8:
-        return _qgemv(16, 256, 32, 256)
+        up_n, up_k, down_n, down_k = ((16, 512, 32, 256) if T == 1 else (16, 512, 64, 128)) if bits == 4 else \
+            ((8, 512, 32, 128) if T == 1 else (16, 256, 32, 128))
+        return _qgemv(up_n, max(up_k, group), down_n, max(down_k, group))
     if T <= 32:
         return (_qgemm(16, (128, 128, 1, 4, 3), (128, 128, 1, 4, 3)) if bits == 4 else
                 _qgemm(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4)))
@@ -652,9 +709,15 @@ def moe_quant_config(T: int, H: int, I: int, bits: int) -> dict:
 
 
 def fused_moe_quant_triton(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantTensors, topk_ids: torch.Tensor,
-                           topk_weights: torch.Tensor, bits: int, config: dict | None = None) -> torch.Tensor:
+                           topk_weights: torch.Tensor, bits: int, config: dict | None = None,
+                           shared: tuple[QuantTensors, QuantTensors, QuantTensors] | None = None) -> torch.Tensor:
     """The Triton path of fused_moe_quant; callable directly (tests run it under the Triton interpreter)."""
     T, H, E, I, k, g_up, g_down = _check_quant(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
+    cfg = config or moe_quant_config(T, H, I, bits, max(g_up, g_down) if bits == 4 else 0)
+    if shared is not None and not (cfg["path"] == "gemv" and _check_quant_shared(shared, H, I, bits, g_up, g_down,
+                                                                            gate_up_q[2] is not None)):
+        return (fused_moe_quant_triton(x, gate_up_q, down_q, topk_ids, topk_weights, bits, config)
+                + shared_mlp_quant(x, shared, bits))
     if T == 0:
         return x.new_empty(0, H)
     if x.stride(1) != 1:
@@ -663,7 +726,6 @@ def fused_moe_quant_triton(x: torch.Tensor, gate_up_q: QuantTensors, down_q: Qua
         if t is not None and t.stride(-1) != 1:
             raise ValueError("expert qweights, scales and zeros must be contiguous along their last dimension")
     ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
-    cfg = config or moe_quant_config(T, H, I, bits)
     n = T * k
 
     def operands(q: QuantTensors):
@@ -675,18 +737,29 @@ def fused_moe_quant_triton(x: torch.Tensor, gate_up_q: QuantTensors, down_q: Qua
     # int8 ignores GROUP (one group a row): 0 keeps one compiled kernel for every K
     up_common = dict(BITS=bits, GROUP=g_up if bits == 4 else 0, HAS_Z=gate_up_q[2] is not None)
     dn_common = dict(BITS=bits, GROUP=g_down if bits == 4 else 0, HAS_Z=down_q[2] is not None)
-    act = torch.empty(n, I, dtype=x.dtype, device=x.device)
-    y = torch.empty(n, H, dtype=x.dtype, device=x.device)  # weighted per-pair outputs
     if cfg["path"] == "gemv":
         if bits == 4 and (cfg["UP_K"] % g_up or cfg["DOWN_K"] % g_down):
             raise ValueError(f"int4 UP_K/DOWN_K must be multiples of the group sizes {g_up}, {g_down}")
-        _moe_qgemv_gate_up_kernel[(n, triton.cdiv(I, cfg["UP_N"]))](
-            x, *gu, ids, act, H, I, k, x.stride(0), *gu_strides, **up_common,
+        n_sh = 0 if shared is None else shared[0][0].shape[0] // I
+        sg, su, sd = shared if shared is not None else (gate_up_q, gate_up_q, down_q)  # placeholders, never read
+        (sg, sg_str), (su, _), (sd, sd_str) = (operands(q) for q in (sg, su, sd))
+        kk = k + n_sh
+        act = torch.empty(T * kk, I, dtype=x.dtype, device=x.device)
+        _moe_qgemv_gate_up_kernel[(T * kk, triton.cdiv(I, cfg["UP_N"]))](
+            x, *gu, ids, act, *sg, *su, H, I, k, n_sh, x.stride(0), *gu_strides, *sg_str[0::2], **up_common,
             BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], num_warps=cfg["num_warps"])
-        _moe_qgemv_down_kernel[(n, triton.cdiv(H, cfg["DOWN_N"]))](
-            act, *dn, ids, weights, y, H, I, *dn_strides, **dn_common,
-            BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], num_warps=cfg["num_warps"])
-        return y.view(T, k, H).sum(1)  # skipped pairs hold zeros; sums in fp32, rounds once
+        n_tiles = triton.cdiv(H, cfg["DOWN_N"])
+        cnt = arrival_counters(x.device, T * n_tiles)
+        if cnt is None:  # too many tiles for the persistent counters: zeroed ones for this call
+            cnt = torch.zeros(T * n_tiles, dtype=torch.int32, device=x.device)
+        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+        part = torch.empty(T * kk, H, dtype=torch.float32, device=x.device)
+        _moe_qgemv_down_kernel[(T * kk, n_tiles)](
+            act, *dn, ids, weights, out, *sd, part, cnt, H, I, k, n_sh, *dn_strides, *sd_str[0::2], out.stride(0),
+            **dn_common, BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], num_warps=cfg["num_warps"])
+        return out
+    act = torch.empty(n, I, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, H, dtype=x.dtype, device=x.device)  # weighted per-pair outputs
     bm = cfg["BLOCK_M"]
     sorted_ids, expert_ids, num_blocks = moe_align(ids, E, bm)
     max_blocks = expert_ids.numel()
@@ -703,18 +776,45 @@ def fused_moe_quant_triton(x: torch.Tensor, gate_up_q: QuantTensors, down_q: Qua
     return out
 
 
+def _check_quant_shared(shared, H: int, I: int, bits: int, g_up: int, g_down: int, has_z: bool) -> bool:
+    """Validates packed (gate (Is, H), up (Is, H), down (H, Is)); True when the GEMV kernels can run them as Is / I
+    slices (same format and groups as the routed experts, gate and up laid out alike)."""
+    if len(shared) != 3 or any(len(q) != 3 for q in shared):
+        raise ValueError("shared expert weights must be three packed (qweight, scales, zeros or None) triples")
+    (Is, _, g_gate), (Is2, _, g_upw) = check_packed(*shared[0], bits, H), check_packed(*shared[1], bits, H)
+    H2, Is3, g_dn = check_packed(*shared[2], bits)
+    if Is2 != Is or Is3 != Is or H2 != H:
+        raise ValueError(f"shared expert weights must be gate (Is, H), up (Is, H), down (H, Is) with H={H}; got "
+                         f"{[tuple(q[0].shape) for q in shared]}")
+    same_layout = all(a.stride() == b.stride() for a, b in zip(shared[0], shared[1]) if a is not None)
+    zero_point = {q[2] is not None for q in shared} | {has_z}
+    return (Is % I == 0 and same_layout and (bits == 8 or (g_gate, g_upw, g_dn) == (g_up, g_up, g_down))
+            and len(zero_point) == 1 and all(t.stride(-1) == 1 for q in shared for t in q if t is not None))
+
+
+def shared_mlp_quant(x: torch.Tensor, shared: tuple[QuantTensors, QuantTensors, QuantTensors], bits: int
+                     ) -> torch.Tensor:
+    """The shared SwiGLU expert on packed weights, as separate quantized linears."""
+    gate, up = (quant_linear(x, *q, bits) for q in shared[:2])
+    return quant_linear(F.silu(gate) * up, *shared[2], bits)
+
+
 def fused_moe_quant(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantTensors, topk_ids: torch.Tensor,
-                    topk_weights: torch.Tensor, bits: int, *, config: dict | None = None) -> torch.Tensor:
+                    topk_weights: torch.Tensor, bits: int, *, config: dict | None = None,
+                    shared: tuple[QuantTensors, QuantTensors, QuantTensors] | None = None) -> torch.Tensor:
     """fused_moe on packed experts: gate_up_q = (qweight (E, 2I, H // 2 or H), scales (E, 2I, H // G), zeros or None),
     down_q likewise for (E, H, I); bits 4 or 8 (see mixr.kernels.quant_gemm for the format) -> (T, H) in x's dtype.
 
     On CUDA with Triton and bf16/fp16 this runs the Triton kernels (no host sync); otherwise, or for int4 groups
     that are not 32..256 (a power of two), `fused_moe_quant_ref`. `config` overrides moe_quant_config (tuning).
+    shared: a shared expert's packed (gate, up, down), added to the result; at decode batch sizes it runs inside
+    the routed GEMV kernels as more pairs of weight 1 (as in `fused_moe`).
     """
     T, H, E, I, k, g_up, g_down = _check_quant(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
     fast = HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     if bits == 4 and not {g_up, g_down} <= {32, 64, 128, 256}:
         fast = False
     if not fast:
-        return fused_moe_quant_ref(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
-    return fused_moe_quant_triton(x, gate_up_q, down_q, topk_ids, topk_weights, bits, config)
+        out = fused_moe_quant_ref(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
+        return out if shared is None else out + shared_mlp_quant(x, shared, bits)
+    return fused_moe_quant_triton(x, gate_up_q, down_q, topk_ids, topk_weights, bits, config, shared)

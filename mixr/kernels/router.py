@@ -16,8 +16,8 @@ CUDA path (Triton; no autograd; no host sync, so CUDA graphs capture it), one ke
   program (token, block of experts) computes its logits as a GEMV that reads W in its own dtype and sums in
   float32, stores them, and counts itself in on a per-token arrival counter; the last program of a token to
   arrive reads the token's whole logits row back and does the selection: scores, groups, top-k by repeated argmax
-  (k is small), weights; then it zeroes the counter for the next launch. (The counters are one persistent
-  buffer per device: routers must not run concurrently on two streams of one device.)
+  (k is small), weights; then it zeroes the counter for the next launch. (The counters are
+  mixr.kernels.arrivals' persistent buffer.)
   Past GEMV_MAX_T tokens (prefill) the logits are a float32 cuBLAS GEMM, as in the PyTorch path, and a second
   kernel selects.
 Only RouterOptions fields this file knows are supported; a router with any other option set (the dynamic expert
@@ -29,6 +29,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from mixr.kernels.arrivals import arrival_counters
 from mixr.kernels.norm import triton_inference as _use_triton  # a module attribute: tests patch it per module
 
 try:
@@ -42,7 +43,6 @@ GEMV_MAX_T = 64  # each GEMV program reads a slice of W per token: past this a G
 # The GEMV tile: columns of W a program loads per step, and warps (for the GEMV and the last program's selection).
 # Measured at 6.5 us a call at DeepSeek-V2-Lite's shape, batch 1, H100; bench/tune_router.py times the others.
 ROUTER_TILE = {"BLOCK_K": 512, "num_warps": 4}
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}  # per-device (GEMV_MAX_T,) int32 arrival counters, kept zero
 MAX_EXPERTS = 1024  # the select kernel holds a token's scores in registers
 _KNOWN = {"num_experts", "top_k", "scoring_func", "topk_method", "n_group", "topk_group", "norm_topk_prob",
           "routed_scaling_factor", "correction_bias"}
@@ -125,7 +125,7 @@ def fused_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ids = torch.empty(T, opts.top_k, dtype=torch.int64, device=x.device)
     if T == 0:
         return weights, ids, torch.empty(0, E, dtype=torch.float32, device=x.device)
-    arrivals = _arrivals(x.device) if T <= GEMV_MAX_T else None
+    arrivals = arrival_counters(x.device, T) if T <= GEMV_MAX_T else None
     if arrivals is not None:
         logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
         _launch_router(x, weight, bias, opts, logits, weights, ids, arrivals)
@@ -134,15 +134,6 @@ def fused_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         logits = F.linear(x.float(), weight.float())
     _launch_router_select(logits, bias, opts, weights, ids)
     return weights, ids, logits
-
-
-def _arrivals(device: torch.device) -> torch.Tensor | None:
-    """The device's zeroed arrival counters; None inside a CUDA-graph capture that would have to create them (a
-    zero-fill captured into the graph would run on every replay). The engine's warm-up runs before its captures."""
-    buf = _ARRIVALS.get(device)
-    if buf is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        buf = _ARRIVALS[device] = torch.zeros(GEMV_MAX_T, dtype=torch.int32, device=device)
-    return buf
 
 
 if HAS_TRITON:

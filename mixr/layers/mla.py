@@ -9,6 +9,7 @@ qk_rope_head_dim values; only [latent | rope key] is cached. Two equivalent ways
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mixr.layers.attention import causal_attention
@@ -36,14 +37,45 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(kv_lora_rank)
         self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
+        self._fused_in = None  # see fuse_input_projections
+
+    def fuse_input_projections(self) -> bool:
+        """For inference: one GEMM instead of two for the projections that read x (q_proj, or q_a_proj with a
+        q_lora_rank, and kv_a_proj_with_mqa), vLLM's fused_qkv_a_proj. Their weights become the row blocks of one
+        tensor; the parameters stay (as views of it, same objects, same names), so in-place weight updates reach
+        it. Returns False, changing nothing, unless both are bias-free plain nn.Linear on one dtype and device.
+        The forward uses the fused weight only while the parameters still view it (not after `.to()`, say), with
+        no gradients wanted and no hooks on either module."""
+        q, kv = self._input_linears()
+        if not (all(type(m) is nn.Linear and m.bias is None for m in (q, kv))
+                and (q.weight.dtype, q.weight.device) == (kv.weight.dtype, kv.weight.device)):
+            return False
+        w = torch.cat((q.weight.detach(), kv.weight.detach()))
+        q.weight.data, kv.weight.data = w[:q.out_features], w[q.out_features:]
+        self._fused_in = w
+        return True
+
+    def _input_linears(self) -> tuple[nn.Module, nn.Module]:
+        return self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa
+
+    def _project_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, kv = self._input_linears()
+        w = self._fused_in
+        if (w is not None and q.weight.data_ptr() == w.data_ptr()
+                and kv.weight.data_ptr() == w.data_ptr() + q.weight.numel() * w.element_size()
+                and not (torch.is_grad_enabled() and (q.weight.requires_grad or kv.weight.requires_grad))
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in (q, kv))):
+            return F.linear(x, w).split((q.out_features, kv.out_features), dim=-1)  # strided views
+        return q(x), kv(x)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache=None) -> torch.Tensor:
         B, L, _ = x.shape
         H, R, dn, dr, dv = self.num_heads, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q, kv = self._project_inputs(x)  # kv (B, L, R + dr): [latent | rope key]
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, L, H, dn + dr)
-        kv = self.kv_a_proj_with_mqa(x)  # (B, L, R + dr): [latent | rope key]
         w_kv = self.kv_b_proj.weight.view(H, dn + dv, R)
         if cache is not None and cache.decode:
             return self._absorbed(q, kv, w_kv, positions, rope, cache)

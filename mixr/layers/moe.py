@@ -156,6 +156,16 @@ class Experts(nn.Module):
             return fused_moe_ref(x, self.gate_up_proj, self.down_proj, ids, weights)
         return fused_moe(x, self.gate_up_proj, self.down_proj, ids, weights, shared=shared)
 
+    def shared_operands(self, linears: tuple[nn.Module, nn.Module, nn.Module]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A shared expert's (gate, up, down) in the form `forward(shared=...)` takes, or None unless they are
+        plain bias-free linears that need no gradients (the kernels have no backward)."""
+        if not all(isinstance(m, nn.Linear) and m.bias is None for m in linears):
+            return None
+        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in linears):
+            return None
+        return tuple(m.weight for m in linears)
+
 
 class MoE(nn.Module):
     """Routed experts plus shared experts.
@@ -188,21 +198,19 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         return out.view(shape)
 
-    def _fused_shared(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _fused_shared(self, x: torch.Tensor) -> tuple | None:
         """The shared expert's weights, when the routed-expert kernels may run it (at decode batch sizes they do
-        it in the same launches): GPU inference, plain bias-free linears, and no hooks, since GPTQ calibration
-        and adapters must see the shared expert's modules run."""
+        it in the same launches): GPU inference, linears of the routed experts' kind (see their
+        `shared_operands`), and no hooks, since GPTQ calibration and adapters must see the shared expert's modules
+        run."""
         mlp = getattr(self, "shared_experts", None)
-        if mlp is None or not x.is_cuda or not isinstance(self.experts, Experts):
+        operands = getattr(self.experts, "shared_operands", None)
+        if mlp is None or operands is None or not x.is_cuda:
             return None
         linears = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if not all(isinstance(m, nn.Linear) and m.bias is None for m in linears):
-            return None
         if any(m._forward_hooks or m._forward_pre_hooks for m in (mlp, *linears)):
             return None
-        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in linears):
-            return None
-        return tuple(m.weight for m in linears)
+        return operands(linears)
 
 
 def set_dynamic_experts(model: nn.Module, dynamic: str | None, top_p: float = 1.0, entropy_scale: float = 1.0,

@@ -78,9 +78,19 @@ class QuantExperts(nn.Module):
         self.down_proj = QuantWeight((num_experts, hidden_size, intermediate_size), spec, dtype, device,
                                      f"{name}.down_proj")
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (T, H), ids/weights (T, k) -> (T, H)."""
-        return fused_moe_quant(x, self.gate_up_proj.packed(), self.down_proj.packed(), ids, weights, self.spec.bits)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared: tuple | None = None
+                ) -> torch.Tensor:
+        """x (T, H), ids/weights (T, k) -> (T, H); `shared`: a shared expert's packed weights to add (see
+        `shared_operands`)."""
+        return fused_moe_quant(x, self.gate_up_proj.packed(), self.down_proj.packed(), ids, weights, self.spec.bits,
+                               shared=shared)
+
+    def shared_operands(self, linears: tuple[nn.Module, nn.Module, nn.Module]) -> tuple | None:
+        """A shared expert's packed (gate, up, down) for `forward(shared=...)`, or None unless they are bias-free
+        QuantLinears in this module's format."""
+        if not all(isinstance(m, QuantLinear) and m.bias is None and m.spec == self.spec for m in linears):
+            return None
+        return tuple(m.packed() for m in linears)
 
 
 class Fp8Linear(nn.Module):
