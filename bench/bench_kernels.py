@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mixr.kernels.attention import paged_decode_attention, paged_decode_attention_ref
 from mixr.kernels.fused_moe import fused_moe, fused_moe_ref
+from mixr.kernels.timing import graph_ms
 
 # The package exports functions named like their modules, so fetch the modules themselves by name.
 attn_mod = importlib.import_module("mixr.kernels.attention")
@@ -74,30 +75,7 @@ def poison_allocator():
 
 def time_graph(calls, min_ms: float = 25.0, batches: int = 7) -> float:
     """Median milliseconds per call of `calls` (a list of zero-argument callables), replayed as one CUDA graph."""
-    for c in calls:  # compile + warm up outside the capture
-        c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    g.replay()
-    torch.cuda.synchronize()
-    reps = max(3, min(500, int(min_ms / 1e3 / max(time.perf_counter() - t0, 1e-6))))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(batches):
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps / len(calls))
-    del g
-    return statistics.median(times)
+    return graph_ms(calls, min_ms=min_ms, batches=batches)
 
 
 def time_eager(fn, min_ms: float = 25.0, batches: int = 5) -> float:

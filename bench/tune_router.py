@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mixr.kernels import router as R
+from mixr.kernels.timing import graph_ms
 from mixr.layers.moe import Router, RouterOptions
 
 SHAPES = {
@@ -23,19 +24,7 @@ SHAPES = {
 
 
 def time_us(fn, calls: int = 50, replays: int = 20) -> float:
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (calls * replays) * 1e3
+    return graph_ms([fn] * calls, reps=replays, batches=1) * 1e3
 
 
 def main() -> None:

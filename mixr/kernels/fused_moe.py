@@ -38,6 +38,7 @@ from mixr.kernels.arrivals import arrival_counters  # noqa: E402
 from mixr.kernels.quant_gemm import check_packed, dequantize, quant_linear  # noqa: E402
 
 if HAS_TRITON:
+    from mixr.kernels.arrivals import arrive_last
     from mixr.kernels.quant_gemm import qgemv_rows, qmm_loop  # jit helpers of the quantized experts
 
 # Tile configs by (H, I) of the expert, then by batch: the first entry whose max_T >= T is used.
@@ -320,14 +321,11 @@ if HAS_TRITON:
     def sum_pairs_last(acc, part_ptr, cnt_ptr, out_ptr, r, kk, offs_n, H, stride_om):
         # Program (pair r, n-tile) of a grid over (T * kk pairs, n-tiles): store this pair's fp32 part, count it in on
         # its (token, n-tile) counter, and if it arrives last, sum the token's kk parts in pair order (the same
-        # rounding whichever program is last) into out[t]. Zeroes the counter again (mixr.kernels.arrivals).
+        # rounding whichever program is last) into out[t].
         t = r // kk
         n_mask = offs_n < H
         tl.store(part_ptr + r.to(tl.int64) * H + offs_n, acc, mask=n_mask)
-        tl.debug_barrier()  # every thread's part is stored before the (release) arrival is counted
-        cnt = cnt_ptr + t * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == kk - 1:
-            tl.store(cnt, 0)
+        if arrive_last(cnt_ptr + t * tl.num_programs(1) + tl.program_id(1), kk):
             total = tl.zeros(acc.shape, tl.float32)
             for j in range(kk):  # .cg: from L2, never a stale L1 line (other programs wrote these parts)
                 total += tl.load(part_ptr + (t * kk + j).to(tl.int64) * H + offs_n, mask=n_mask, other=0.0,

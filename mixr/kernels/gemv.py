@@ -20,7 +20,6 @@ No host sync anywhere: CUDA-graph capturable.
 """
 
 import math
-import statistics
 import warnings
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixr.kernels.quant_gemm import HAS_TRITON, plan_splits, sm_count, splitk_reduce
+from mixr.kernels.timing import graph_ms
 from mixr.layers.mlp import GatedMLP
 
 if HAS_TRITON:
@@ -273,28 +273,9 @@ class SkinnyGatedMLP(GatedMLP):
         return super().forward(x)
 
 
-def _graph_us(fn, args: list[tuple], reps: int = 20, batches: int = 3) -> float:
-    """Median GPU microseconds per call of fn(*a) over the argument tuples, captured in one CUDA graph (so the
-    launch overhead of eager Python does not hide a 3 us kernel) and replayed between CUDA events."""
-    for a in args:  # compile and warm up outside the capture
-        fn(*a)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for a in args:
-            fn(*a)
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(batches):
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps / len(args))
-    del g
-    return statistics.median(times)
+def _graph_us(fn, args: list[tuple]) -> float:
+    """Median GPU microseconds per call of fn(*a) over the argument tuples (20 replays a batch, 3 batches)."""
+    return graph_ms([lambda a=a: fn(*a) for a in args], reps=20, batches=3) * 1e3
 
 
 def _copies(weights: tuple[torch.Tensor, ...], spare_bytes: int = 512 << 20) -> list[tuple[torch.Tensor, ...]]:

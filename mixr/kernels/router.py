@@ -137,6 +137,7 @@ def fused_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 if HAS_TRITON:
+    from mixr.kernels.arrivals import arrive_last
 
     @triton.jit
     def _select_token(logits_row, bias_ptr, weights_row, ids_row, scale,
@@ -208,12 +209,7 @@ if HAS_TRITON:
                         mask=e_mask[:, None] & (k < H)[None, :], other=0.0).to(tl.float32)
             acc += w * xk[None, :]
         tl.store(logits_ptr + t * E + e, tl.sum(acc, 1), mask=e_mask)
-        # Every thread's stores are issued before the (single, release) arrival of this program is counted; the
-        # acquire of the last arrival then makes all of the token's logits visible to it (grid.sync's pattern).
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + t, 1, sem="acq_rel", scope="gpu")
-        if arrived == NUM_EB - 1:
-            tl.store(arrivals_ptr + t, 0)  # zero again for the next launch (stream order separates launches)
+        if arrive_last(arrivals_ptr + t, NUM_EB):  # the token's last program selects over all its logits
             _select_token(logits_ptr + t * E, bias_ptr, weights_ptr + t * TOP_K, ids_ptr + t * TOP_K, scale,
                           E, G, EG, G_P2, EG_P2, TOP_K, K_P2, TOPK_GROUP, SOFTMAX, HAS_BIAS, GROUPED, NOAUX, NORM)
 
