@@ -149,7 +149,7 @@ def count_model(name: str, hf: dict, context: int, fused: bool) -> dict:
     runner.prefill([seq], [context])
     seq.num_computed_tokens = context
     seq.token_ids.append(7)
-    ids, pos, slots, tables, lens = runner._decode_inputs([seq], 1)
+    (ids, pos, slots), tables, lens = runner._decode_inputs([seq], 1)
     meta = StepMeta(True, slots, tables, lens)
 
     counter = KernelCounter()
@@ -251,7 +251,7 @@ def cuda_measure(shape: str, depths: list[int], context: int, replays: int, quan
                 runner.prefill([seq], [context])
                 seq.num_computed_tokens = context
                 seq.token_ids.append(1234)
-                ids, pos, slots, tables, lens = runner._decode_inputs([seq], 1)
+                (ids, pos, slots), tables, lens = runner._decode_inputs([seq], 1)
                 meta = StepMeta(True, slots, tables, lens)
                 kernels, kernel_us, names = cuda_kernels_per_step(runner, ids, pos, meta)
                 with torch.inference_mode():

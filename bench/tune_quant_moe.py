@@ -1,10 +1,11 @@
-"""GPU: tune the quantized fused MoE's small-batch (GEMV) tiles at DeepSeek-V2-Lite's shape (64 experts top-6,
+"""GPU: tune the fused MoE's small-batch (GEMV) tiles, bf16 and quantized, at DeepSeek-V2-Lite's shape (64 experts top-6,
 hidden 2048, expert width 1408, two shared slices run in the same kernels, as the engine runs them).
 
 Coordinate descent per (format, T): the gate+up tile (UP_N, UP_K, warps) with the current down tile, then the
-down tile (DOWN_N, DOWN_K). Every candidate is checked against `fused_moe_quant_ref` (+ the shared expert) before
-it is timed; timing is bench_kernels.time_graph over 3 layers of separate weights (more bytes than L2 holds).
-Prints JSON (and writes --out); the best tiles go into mixr.kernels.fused_moe.moe_quant_config.
+down tile (DOWN_N, DOWN_K). Every candidate is checked against `fused_moe_ref` / `fused_moe_quant_ref` (+ the
+shared expert) before it is timed; timing is bench_kernels.time_graph over 3 layers of separate weights (more bytes
+than L2 holds). Prints JSON (and writes --out); the best tiles go into mixr.kernels.fused_moe.MOE_CONFIGS (bf16) and
+moe_quant_config.
 
     PYTHONPATH=. python bench/tune_quant_moe.py --out $OUT/tune_quant_moe.json
 """
@@ -23,9 +24,9 @@ from mixr.quant.rtn import QuantSpec, quantize_rtn
 
 fm = importlib.import_module("mixr.kernels.fused_moe")
 E, K_TOP, H, I, S = 64, 6, 2048, 1408, 2
-FORMATS = {"int4_g64": QuantSpec(4, 64), "int4_g128": QuantSpec(4, 128), "int8": QuantSpec(8)}
-UP = [(n, k, w) for n, k, w in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (4, 8))]
-DOWN = [(n, k) for n, k in itertools.product((8, 16, 32, 64), (128, 256, 512))]
+FORMATS = {"bf16": None, "int4_g64": QuantSpec(4, 64), "int4_g128": QuantSpec(4, 128), "int8": QuantSpec(8)}
+UP = [(n, k, w) for n, k, w in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (1, 2, 4, 8))]
+DOWN = [(n, k) for n, k in itertools.product((4, 8, 16, 32, 64), (128, 256, 512))]
 
 
 def f32(q: tuple) -> tuple:
@@ -51,25 +52,37 @@ def main() -> None:
             dn = (torch.randn(E, H, I, device="cuda", generator=gen) / I ** 0.5).bfloat16()
             sh = [(torch.randn(S * I, H, device="cuda", generator=gen) / H ** 0.5).bfloat16() for _ in range(2)]
             sd = (torch.randn(H, S * I, device="cuda", generator=gen) / I ** 0.5).bfloat16()
-            layers.append((quantize_rtn(gu, spec), quantize_rtn(dn, spec), tuple(quantize_rtn(w, spec) for w in (*sh, sd))))
+            if spec is None:
+                layers.append((gu, dn, (*sh, sd)))
+            else:
+                layers.append((quantize_rtn(gu, spec), quantize_rtn(dn, spec),
+                               tuple(quantize_rtn(w, spec) for w in (*sh, sd))))
         for T in map(int, args.tokens.split(",")):
             xs = [torch.randn(T, H, device="cuda", generator=gen).bfloat16() for _ in layers]
             routes = [routing(T, E, K_TOP, gen) for _ in layers]
             gq, dq, shq = layers[0]
-            ref = (fm.fused_moe_quant_ref(xs[0].float(), f32(gq), f32(dq), *routes[0], spec.bits)
-                   + fm.shared_mlp_quant(xs[0].float(), tuple(map(f32, shq)), spec.bits))
+            if spec is None:
+                ref = (fm.fused_moe_ref(xs[0].float(), gq.float(), dq.float(), *routes[0])
+                       + fm.shared_mlp_ref(xs[0].float(), tuple(w.float() for w in shq)))
+
+                def run_moe(l, cfg):
+                    return fm.fused_moe(xs[l], layers[l][0], layers[l][1], *routes[l], config=cfg, shared=layers[l][2])
+            else:
+                ref = (fm.fused_moe_quant_ref(xs[0].float(), f32(gq), f32(dq), *routes[0], spec.bits)
+                       + fm.shared_mlp_quant(xs[0].float(), tuple(map(f32, shq)), spec.bits))
+
+                def run_moe(l, cfg):
+                    return fm.fused_moe_quant_triton(xs[l], layers[l][0], layers[l][1], *routes[l], spec.bits, cfg,
+                                                     shared=layers[l][2])
 
             def measure(cfg):
-                got = fm.fused_moe_quant_triton(xs[0], gq, dq, *routes[0], spec.bits, cfg, shared=shq)
-                err = rel_err(got, ref)
+                err = rel_err(run_moe(0, cfg), ref)
                 if not err < 1e-2:
                     return float("nan"), err
-                us = time_graph([lambda l=l: fm.fused_moe_quant_triton(xs[l], layers[l][0], layers[l][1], *routes[l],
-                                                                       spec.bits, cfg, shared=layers[l][2])
-                                 for l in range(len(layers))]) * 1e3
-                return us, err
+                return time_graph([lambda l=l: run_moe(l, cfg) for l in range(len(layers))]) * 1e3, err
 
-            cur = fm.moe_quant_config(T, H, I, spec.bits, spec.group_size or 0)
+            cur = fm.moe_config(T, H, I) if spec is None else fm.moe_quant_config(T, H, I, spec.bits,
+                                                                                 spec.group_size or 0)
             run = {"format": name, "T": T, "start": dict(cur), "tried": []}
             run["start_us"] = best_us = measure(cur)[0]
             for stage, cands in (("up", UP), ("down", DOWN)):
@@ -78,7 +91,8 @@ def main() -> None:
                         break
                     cfg = dict(cur, UP_N=c[0], UP_K=c[1], num_warps=c[2]) if stage == "up" else \
                         dict(cur, DOWN_N=c[0], DOWN_K=c[1])
-                    if spec.bits == 4 and (cfg["UP_K"] % spec.group_size or cfg["DOWN_K"] % spec.group_size):
+                    g = spec.group_size if spec is not None and spec.bits == 4 else 1
+                    if cfg["UP_K"] % g or cfg["DOWN_K"] % g:
                         continue
                     try:
                         us, err = measure(cfg)

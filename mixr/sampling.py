@@ -144,11 +144,12 @@ def _watermark_context(r: SampleRequest) -> list[int]:
     return out[-h:] if len(out) >= h else (r.prompt_token_ids + out)[-h:]
 
 
-def sample_batch(logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
-    """One token per row of logits (B, vocab). Greedy rows take the argmax; the others invert their filtered
-    distribution's CDF at one uniform from the request's own stream, so a seeded request's tokens do not depend
-    on the batch. The sampled rows are filtered and drawn together (a fixed number of kernels, not a few per
-    row: at batch 512 a per-row loop was most of a small model's decode step). One host sync for the batch."""
+def sample_tokens(logits: torch.Tensor, reqs: list[SampleRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen token of each row as a device tensor (B,), with no host sync, and the float32 logits it came
+    from. Greedy rows take the argmax; the others invert their filtered distribution's CDF at one uniform from
+    the request's own stream, so a seeded request's tokens do not depend on the batch. The sampled rows are
+    filtered and drawn together (a fixed number of kernels, not a few per row: at batch 512 a per-row loop was
+    most of a small model's decode step)."""
     logits = raw = logits.float()
     B, V = logits.shape
     marked = [i for i, r in enumerate(reqs) if r.params.watermark is not None]
@@ -172,16 +173,45 @@ def sample_batch(logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
         u = torch.tensor([1.0 - reqs[i].rng.random() for i in rows], device=logits.device)[:, None]
         pick = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=V - 1)
         choice[idx] = pick[:, 0]
-    want_lp = [r.params.logprobs is not None for r in reqs]
-    if not any(want_lp):
-        return Sampled(choice.tolist(), [None] * B)
-    lp = raw.log_softmax(-1)
-    k = max(r.params.logprobs or 0 for r in reqs)
-    top = lp.topk(max(k, 1), dim=-1)
-    chosen = lp.gather(1, choice[:, None])[:, 0]
-    ids, chosen_l, top_v, top_i = choice.tolist(), chosen.tolist(), top.values.tolist(), top.indices.tolist()
-    out = []
-    for i, r in enumerate(reqs):
-        n = r.params.logprobs
-        out.append(None if n is None else (chosen_l[i], list(zip(top_i[i][:n], top_v[i][:n]))))
-    return Sampled(ids, out)
+    return choice, raw
+
+
+class PendingSample:
+    """`sample_tokens` and the logprobs the requests ask for, launched but not read: the engine can queue the
+    next decode step (fed `token_ids` on the device) before it waits for these on the host."""
+
+    def __init__(self, logits: torch.Tensor, reqs: list[SampleRequest]):
+        self.token_ids, raw = sample_tokens(logits, reqs)
+        self.logprobs = [r.params.logprobs for r in reqs]
+        parts = [self.token_ids]
+        if any(n is not None for n in self.logprobs):
+            lp = raw.log_softmax(-1)
+            top = lp.topk(max(max(n or 0 for n in self.logprobs), 1), dim=-1)
+            parts += [lp.gather(1, self.token_ids[:, None])[:, 0], top.values, top.indices]
+        self._event = None
+        if logits.device.type == "cuda":  # a non-blocking copy to the host (pinned by torch) and its event
+            parts = [t.to("cpu", non_blocking=True) for t in parts]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._parts = parts
+        self._result: Sampled | None = None
+
+    def result(self) -> Sampled:
+        """Wait for the tokens (one host sync) and return them with their logprobs."""
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            ids = self._parts[0].tolist()
+            out = [None] * len(ids)
+            if len(self._parts) > 1:
+                chosen_l, top_v, top_i = (t.tolist() for t in self._parts[1:])
+                out = [None if n is None else (chosen_l[i], list(zip(top_i[i][:n], top_v[i][:n])))
+                       for i, n in enumerate(self.logprobs)]
+            self._result = Sampled(ids, out)
+        return self._result
+
+
+def sample_batch(logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
+    """One token per row of logits (B, vocab), as `sample_tokens` picks it, and the logprobs the requests ask
+    for (the chosen token's and the top `logprobs` alternatives). One host sync for the batch."""
+    return PendingSample(logits, reqs).result()

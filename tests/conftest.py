@@ -67,6 +67,20 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 t.copy_(torch.randn(t.shape, generator=g) * (0.5 / t.shape[-1] ** 0.5 if t.dim() > 1 else 0.1))
 
 
+def forced_gaps(model, prompts: list[list[int]], outputs: list[list[int]]) -> torch.Tensor:
+    """How far below its best logit the reference forward of `model` puts each token the engine chose, run on the
+    engine's own tokens (teacher forcing). Greedy paths of two implementations part at the first near-tie and
+    then compare unrelated text; this stays a per-token check of the kernels. A random tiny model's bf16 logits
+    tie exactly now and then, so 0 everywhere is too strict and agreement of whole sequences measures luck."""
+    gaps = []
+    dev = model.lm_head.weight.device
+    with torch.inference_mode():
+        for p, out in zip(prompts, outputs):
+            logits = model(torch.tensor([p + out], device=dev))[0, len(p) - 1:-1].float()
+            gaps.append(logits.max(-1).values - logits[torch.arange(len(out)), torch.tensor(out, device=dev)])
+    return torch.cat(gaps)
+
+
 def make_hf_checkpoint(path: Path, model_type: str, kwargs: dict, seed: int = 0, shard: str | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -5,12 +5,21 @@ import random
 import pytest
 import torch
 
-from conftest import FAMILIES, VOCAB
+from conftest import FAMILIES, VOCAB, forced_gaps
 from mixr import LLM, SamplingParams
 from mixr.reference import reference_generate
 from mixr.sampling import SampleRequest, apply_penalties, sample_batch
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+ASYNC = False
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def scheduling(request):
+    """Every engine test runs with and without async scheduling (the next decode step queued before the tokens
+    of this one are read: the GPU default)."""
+    global ASYNC
+    ASYNC = request.param
 
 
 def prompts(seed: int, lengths=(5, 23, 11, 40)) -> list[list[int]]:
@@ -20,6 +29,7 @@ def prompts(seed: int, lengths=(5, 23, 11, 40)) -> list[list[int]]:
 
 def engine(path, **kw) -> LLM:
     kw.setdefault("block_size", 8)
+    kw.setdefault("async_scheduling", ASYNC)
     return LLM(path, device="cpu", dtype="float32", **kw)
 
 
@@ -170,3 +180,84 @@ def test_metrics(checkpoint):
     m = llm.generate([1, 2, 3, 4, 5], GREEDY)[0].metrics
     assert m.num_prompt_tokens == 5 and m.num_generated_tokens == 16
     assert 0 < m.time_to_first_token and 0 < m.inter_token_latency
+
+
+def test_async_scheduling_gives_the_same_outputs(checkpoint):
+    """Stop tokens, stop strings, EOS, n > 1, seeds, logprobs, penalties, different lengths and a request joining
+    mid-flight (penalized: it needs its tokens at once): queued ahead or not, every output is the same, and steps were queued ahead."""
+    path = checkpoint("deepseek_v3_noaux_tc")
+    ps = prompts(8, (9, 17, 4, 25, 12))
+    probe = engine(path, async_scheduling=False).generate(ps[0], SamplingParams(temperature=0, max_tokens=12))[0]
+    params = [SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[probe.token_ids[5]]),
+              SamplingParams(temperature=0, max_tokens=20, stop=[probe.text[-6:-2]]),  # ends ps[0] early
+              SamplingParams(n=2, temperature=0.8, top_p=0.9, seed=5, max_tokens=9, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=1, max_tokens=15, ignore_eos=True),
+              SamplingParams(temperature=0.5, seed=2, max_tokens=4, presence_penalty=0.5)]  # not queued ahead
+    runs = {}
+    for mode in (False, True):
+        llm = engine(path, async_scheduling=mode)
+        eng, done, lps, ahead = llm.engine, {}, {}, 0
+        for i in range(4):
+            eng.add_request(str(i), ps[i] if i != 1 else ps[0], params[i])
+        for step in range(100):
+            if step == 4:
+                eng.add_request("late", ps[4], params[4])
+            for out in eng.step():
+                if out.finished:
+                    done[out.request_id] = [(o.token_ids, o.text, o.finish_reason) for o in out.outputs]
+                    lps[out.request_id] = [[(c, *(x for alt in top for x in alt)) for c, top in o.logprobs or []]
+                                           for o in out.outputs]
+            ahead += eng._ahead is not None
+            if not eng.has_unfinished_requests():
+                break
+        assert eng.scheduler.block_manager.num_free_blocks == eng.runner.num_blocks
+        runs[mode] = (done, ahead, lps)
+    assert runs[True][0] == runs[False][0]
+    for k, v in runs[False][2].items():  # the same up to float rounding (other batch shapes)
+        assert runs[True][2][k] == [[pytest.approx(row, abs=1e-4) for row in o] for o in v]
+    assert runs[False][1] == 0 and runs[True][1] >= 5
+    assert [runs[True][0][k][0][2] for k in "01"] == ["stop", "stop"]
+    assert len(runs[True][0]["0"][0][0]) == 6 and len(runs[True][0]["1"][0][0]) < 12
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_short_prompt_chunks_run_as_decode_rows(name, checkpoint, monkeypatch):
+    """Short prompt chunks run as decode rows, each attending to the rows before it (on a
+    GPU inside the captured graphs; forced here on the eager path): the reference's tokens, for new prompts,
+    chunked prompts and the tail after a cached prefix."""
+    llm = engine(checkpoint(name), max_num_batched_tokens=24, max_num_seqs=4)
+    runner, used = llm.engine.runner, []
+    monkeypatch.setattr(runner, "fits_decode", lambda seqs, counts: max(counts) <= 16 and sum(counts) <= 32)
+    decode = runner.decode
+    monkeypatch.setattr(runner, "decode", lambda seqs, next_ids=None, counts=None: (
+        used.append(counts), decode(seqs, next_ids, counts))[1])
+    ps = prompts(9, (5, 12, 3, 30))
+    assert [o.token_ids for o in llm.generate(ps, GREEDY)] == reference_generate(llm.model, ps, 16)
+    tail = ps[3] + [7, 8, 9]
+    again = llm.generate(tail, GREEDY)[0]
+    assert again.metrics.num_cached_tokens == 24 and again.token_ids == reference_generate(llm.model, [tail], 16)[0]
+    assert [9] in used and any(c and max(c) > 1 and len(c) > 1 for c in used)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["deepseek_v3_noaux_tc", "deepseek_v2_group_limited_yarn", "qwen3_moe", "mixtral",
+                                  "llama_rope_llama3"])
+def test_engine_on_cuda_queues_ahead_and_runs_short_prompts_in_graphs(name, checkpoint):
+    """On a GPU, by default: decode steps are queued ahead, and short prompts run as decode rows in the captured
+    graphs. The tokens are the reference forward's argmax on the same tokens, to bf16 rounding (see forced_gaps)."""
+    if ASYNC:
+        pytest.skip("builds its own engine: one run is enough")
+    llm = LLM(checkpoint(name), device="cuda", dtype="bfloat16", max_num_seqs=32, max_model_len=256)
+    eng = llm.engine
+    assert eng.runner.graphs and eng._async
+    used, ahead = [], []
+    decode, schedule_ahead = eng.runner.decode, eng.scheduler.schedule_ahead
+    eng.runner.decode = lambda seqs, next_ids=None, counts=None: (
+        used.append(counts), decode(seqs, next_ids, counts))[1]
+    eng.scheduler.schedule_ahead = lambda batch: (lambda b: (ahead.append(b is not None), b)[1])(
+        schedule_ahead(batch))
+    short, long = prompts(10, (5, 12, 9)), prompts(11, (40, 3))
+    got = [o.token_ids for o in llm.generate(short, GREEDY)] + [o.token_ids for o in llm.generate(long, GREEDY)]
+    assert [5, 12, 9] in used and sum(ahead) >= 20
+    gaps = forced_gaps(llm.model, short + long, got)
+    assert (gaps <= 0.05).sum() >= len(gaps) - 2 and gaps.max() <= 0.5, gaps

@@ -360,7 +360,7 @@ def decode_logits(model, context: int = 21, batch: int = 2):
         for s in seqs:
             s.num_computed_tokens = len(s.token_ids)
             s.token_ids.append(5)
-        ids, pos, slots, tables, lens = runner._decode_inputs(seqs, batch)
+        (ids, pos, slots), tables, lens = runner._decode_inputs(seqs, batch)
         return runner._decode_logits(ids, pos, StepMeta(True, slots, tables, lens))
 
 

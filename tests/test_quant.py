@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import MOE, make_hf_checkpoint
+from conftest import MOE, forced_gaps, make_hf_checkpoint
 from mixr import LLM, CheckpointError, SamplingParams, load_model
 from mixr.cli import main
 from mixr.kernels.fused_moe import fused_moe_ref
@@ -415,20 +415,6 @@ def test_fp8_weight_without_its_scale(tmp_path):
 
 
 # ---------------------------------------------------------------- GPU: kernels inside the engine
-
-def forced_gaps(model, prompts: list[list[int]], outputs: list[list[int]]) -> torch.Tensor:
-    """How far below its best logit the reference forward of `model` puts each token the engine chose, run on the
-    engine's own tokens (teacher forcing). Greedy paths of two implementations part at the first near-tie and
-    then compare unrelated text; this stays a per-token check of the kernels. A random tiny model's bf16 logits
-    tie exactly now and then, so 0 everywhere is too strict and agreement of whole sequences measures luck."""
-    gaps = []
-    dev = model.lm_head.weight.device
-    with torch.inference_mode():
-        for p, out in zip(prompts, outputs):
-            logits = model(torch.tensor([p + out], device=dev))[0, len(p) - 1:-1].float()
-            gaps.append(logits.max(-1).values - logits[torch.arange(len(out)), torch.tensor(out, device=dev)])
-    return torch.cat(gaps)
-
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quantization", ["int8", "int4"])

@@ -175,15 +175,20 @@ class BlockManager:
                     del self.pending[seq.block_hashes[i]]
         seq.block_table = []
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether the blocks for seq's next step (all of its tokens, the last one to be fed) can be had."""
-        return seq.num_blocks(self.block_size) - len(seq.block_table) <= len(self.free)
+    def can_append(self, seq: Sequence, ahead: int = 0) -> bool:
+        """Whether the blocks for seq's next step (all of its tokens, the last one to be fed) can be had.
+        ahead: count that many tokens more, not yet sampled (async scheduling)."""
+        return self.blocks_needed(seq, ahead) - len(seq.block_table) <= len(self.free)
 
-    def may_append(self, seq: Sequence) -> None:
+    def may_append(self, seq: Sequence, ahead: int = 0) -> None:
         """Add a block when seq's last token starts a new one. The block is registered for sharing by `commit`
         once it is full and computed, so generated tokens are cacheable too."""
-        while len(seq.block_table) < seq.num_blocks(self.block_size):
+        while len(seq.block_table) < self.blocks_needed(seq, ahead):
             seq.block_table.append(self._take())
+
+    def blocks_needed(self, seq: Sequence, ahead: int = 0) -> int:
+        """Blocks that hold all of seq's tokens and `ahead` more."""
+        return -(-(seq.num_tokens + ahead) // self.block_size)
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache slots of token positions [start, end): block_id * block_size + offset."""

@@ -291,6 +291,9 @@ class ParallelRunner:
     def __getattr__(self, name: str):
         return getattr(self.runner, name)
 
+    def fits_decode(self, seqs, counts: list[int]) -> bool:
+        return False  # the workers decode one row per sequence
+
     def decode(self, seqs) -> torch.Tensor:
         self.workers.send(("decode", [(s.token_ids[-1], s.num_tokens, s.block_table) for s in seqs]))
         with self.workers.step():
@@ -305,7 +308,9 @@ class ParallelRunner:
 
     def sample(self, logits: torch.Tensor, reqs):
         with self.workers.step():  # on a GPU, the step's first wait on the collectives
-            return self.runner.sample(logits, reqs)
+            pending = self.runner.sample(logits, reqs)
+            pending.result()
+        return pending
 
 
 class _Seq:

@@ -17,7 +17,7 @@ from mixr.engine.sequence import Sequence
 from mixr.layers.moe import check_dynamic, set_dynamic_experts
 from mixr.models.base import CausalLM
 from mixr.offload import load_offloaded
-from mixr.sampling import SampleRequest, SamplingParams, make_rng
+from mixr.sampling import PendingSample, SampleRequest, SamplingParams, make_rng
 from mixr.tokenizer import Tokenizer
 
 
@@ -59,6 +59,10 @@ class EngineConfig:
     # experts per rank)
     tensor_parallel_size: int = 1
     parallel_experts: str = "tp"
+    # queue each decode step on the device before reading the previous step's tokens, so the device never waits
+    # for the host's scheduling, detokenizing and input building (vLLM's async scheduling); None: on a GPU without
+    # tensor parallelism. Same tokens either way; a sequence that ends by a stop token costs one wasted row.
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         if self.adapter and (self.quantization or self.expert_offload):
@@ -83,6 +87,8 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.parallel_experts not in ("tp", "ep"):
             raise ValueError(f"parallel_experts must be 'tp' or 'ep', got {self.parallel_experts!r}")
+        if self.tensor_parallel_size > 1 and self.async_scheduling:
+            raise ValueError("async_scheduling does not combine with tensor_parallel_size > 1 yet")
         if self.tensor_parallel_size > 1 and (self.quantization or self.expert_offload):
             raise ValueError("tensor_parallel_size > 1 does not combine with quantization or expert_offload yet")
 
@@ -266,6 +272,9 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
             enable_chunked_prefill=config.enable_chunked_prefill, max_model_len=self.max_model_len),
             eos_token_ids=self.tokenizer.stop_token_ids)
+        self._async = config.async_scheduling if config.async_scheduling is not None else (
+            self.device.type == "cuda" and self.workers is None)
+        self._ahead: tuple | None = None  # (batch, sampled rows, PendingSample) queued ahead by the last step
         self.requests: dict[str, _Request] = {}
         self._by_seq: dict[int, tuple[_Request, int]] = {}
         self._rngs: dict[int, random.Random | None] = {}
@@ -361,15 +370,50 @@ class LLMEngine:
     # -- one step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return the requests that got new tokens or finished (their delta_* fields hold
-        what this step added)."""
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        decode = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
-        prefill = [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
-        logits, rows = [], []
+        what this step added). With async scheduling, when the step is all decodes the next one is planned and
+        queued on the device before this one's tokens are read (`Scheduler.schedule_ahead`)."""
+        if self._ahead is not None:
+            (batch, rows, pending), self._ahead = self._ahead, None
+        else:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                return []
+            rows, pending = self._run(batch)
+        if self._async and pending is not None and all(
+                n == 1 and not s.params.penalized and s.params.watermark is None  # these need the tokens now
+                for s, n in zip(batch.seqs, batch.num_new_tokens)):
+            if (nxt := self.scheduler.schedule_ahead(batch)) is not None:
+                ids = pending.token_ids  # an all-decode step samples every row, in batch order
+                if len(nxt.seqs) < len(batch.seqs):
+                    row = {s.seq_id: i for i, s in enumerate(batch.seqs)}
+                    ids = ids[torch.tensor([row[s.seq_id] for s in nxt.seqs], device=ids.device)]
+                self._ahead = (nxt, *self._run(nxt, ids))
+        tokens: list[int | None] = [None] * len(batch.seqs)
+        lps: list = [None] * len(batch.seqs)
+        if pending is not None:
+            sampled = pending.result()
+            for j, i in enumerate(rows):
+                tokens[i], lps[i] = sampled.token_ids[j], sampled.logprobs[j]
+        self.scheduler.postprocess(batch, tokens)
+        outputs = self._update_outputs(batch, tokens, lps)
+        if self._ahead is not None and all(s.is_finished for s in self._ahead[0].seqs):
+            self._ahead = None  # every sequence in it ended with this step: nothing to read
+        return outputs
+
+    def _run(self, batch, next_ids: torch.Tensor | None = None) -> tuple[list[int], PendingSample | None]:
+        """Launch batch's forward and sampling; return the batch rows that sample, in the order of the pending
+        tokens. next_ids: a decode batch fed these device tokens (`ModelRunner.decode`)."""
+        counts = batch.num_new_tokens
+        if next_ids is None and max(counts) > 1 and self.runner.fits_decode(batch.seqs, counts):
+            decode, prefill = [], []  # short prompt chunks: all of it as decode rows, in a graph
+            logits, rows = [self.runner.decode(batch.seqs, counts=counts)], list(range(len(counts)))
+        else:
+            decode = [i for i, n in enumerate(counts) if n == 1]
+            prefill = [i for i, n in enumerate(counts) if n > 1]
+            logits, rows = [], []
         if decode:
-            logits.append(self.runner.decode([batch.seqs[i] for i in decode]))
+            seqs = [batch.seqs[i] for i in decode]
+            logits.append(self.runner.decode(seqs) if next_ids is None else self.runner.decode(seqs, next_ids))
             rows += decode
         if prefill:
             logits.append(self.runner.prefill([batch.seqs[i] for i in prefill],
@@ -377,20 +421,13 @@ class LLMEngine:
             rows += prefill
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         keep = [j for j, i in enumerate(rows) if batch.do_sample[i]]
-        sampled_rows = [rows[j] for j in keep]
-        sampled = None
-        if keep:
-            seqs = [batch.seqs[i] for i in sampled_rows]
-            reqs = [SampleRequest(s.params, self._rngs[s.seq_id], s.prompt_token_ids,
-                                  s.token_ids[s.num_prompt_tokens:] if s.params.penalized or s.params.watermark else [])
-                    for s in seqs]
-            sampled = self.runner.sample(logits[keep] if len(keep) < len(rows) else logits, reqs)
-        tokens: list[int | None] = [None] * len(batch.seqs)
-        lps: list = [None] * len(batch.seqs)
-        for j, i in enumerate(sampled_rows):
-            tokens[i], lps[i] = sampled.token_ids[j], sampled.logprobs[j]
-        self.scheduler.postprocess(batch, tokens)
-        return self._update_outputs(batch, tokens, lps)
+        if not keep:
+            return [], None
+        seqs = [batch.seqs[rows[j]] for j in keep]
+        reqs = [SampleRequest(s.params, self._rngs[s.seq_id], s.prompt_token_ids,
+                              s.token_ids[s.num_prompt_tokens:] if s.params.penalized or s.params.watermark else [])
+                for s in seqs]
+        return [rows[j] for j in keep], self.runner.sample(logits[keep] if len(keep) < len(rows) else logits, reqs)
 
     def _update_outputs(self, batch, tokens, lps) -> list[RequestOutput]:
         touched: dict[str, _Request] = {}

@@ -1,5 +1,6 @@
 """The one place that touches the device: KV-cache allocation, input tensors, forward, sampling, CUDA graphs."""
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -10,8 +11,12 @@ from mixr.engine.sequence import Sequence
 from mixr.kernels.gemv import install_skinny
 from mixr.layers.mla import MLAttention
 from mixr.models.base import CausalLM
-from mixr.sampling import SampleRequest, Sampled, sample_batch
+from mixr.sampling import PendingSample, SampleRequest
 
+# Prompt chunks of at most DECODE_CHUNK tokens, whose rows read at most DECODE_CHUNK_READS cached tokens in all, run as
+# decode rows through the graphs (ModelRunner.fits_decode). 2^18 reads of MLA's 1152-byte rows are 0.3 GB a layer.
+DECODE_CHUNK = 128
+DECODE_CHUNK_READS = 1 << 18
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
@@ -100,26 +105,41 @@ class ModelRunner:
         last = self._tensor([n - 1 for n in counts])
         return self._tensor(ids), self._tensor(pos), meta, last
 
-    def _decode_inputs(self, seqs: list[Sequence], batch: int):
-        """Inputs padded to `batch` rows (a captured graph size); padding rows write to the scratch slot."""
-        bs, pad, scratch = self.block_size, batch - len(seqs), self.cache.scratch_slot
+    def _decode_inputs(self, seqs: list[Sequence], batch: int, counts: list[int] | None = None,
+                       ahead: bool = False):
+        """Decode rows padded to `batch` rows (a captured graph size); padding rows write to the scratch slot.
+        A sequence is one row at its last token, or counts[i] rows at positions [num_computed_tokens, +counts[i])
+        (a short prompt chunk: each row attends to the rows before it, whose KV the layer stores first).
+        ahead: each sequence is one token further on (a step still running samples that token; the caller feeds
+        it), so positions, slots and context lengths count it. Two host-to-device copies: one per dtype."""
+        bs, scratch = self.block_size, self.cache.scratch_slot
         width = max(len(s.block_table) for s in seqs)  # columns past a row's context are never read
-        ids, pos, slots, tables, lens = [], [], [], [], []
-        for s in seqs:
-            n, table = s.num_tokens, s.block_table
-            ids.append(s.token_ids[-1])
-            pos.append(n - 1)
-            slots.append(table[(n - 1) // bs] * bs + (n - 1) % bs)
-            tables.append(table + [0] * (width - len(table)) if len(table) < width else table)
-            lens.append(n)
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for i, s in enumerate(seqs):
+            table, toks = s.block_table, s.token_ids
+            if len(table) < width:
+                table = table + [0] * (width - len(table))
+            if counts is None:  # token_ids may hold just the last token (a tensor-parallel worker's rows)
+                start, n = s.num_tokens - 1 + ahead, 1
+                ids.append(0 if ahead else toks[-1])
+            else:
+                start, n = s.num_computed_tokens, counts[i]
+                ids += toks[start:start + n]
+            for p in range(start, start + n):
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+                lens.append(p + 1)
+                tables += table
+        pad = batch - len(ids)
         if pad:
             ids += [0] * pad
             pos += [0] * pad
             slots += [scratch] * pad
-            tables += [[0] * width] * pad
             lens += [1] * pad
-        return (self._tensor(ids)[:, None], self._tensor(pos)[:, None], self._tensor(slots)[:, None],
-                self._tensor(tables, torch.int32), self._tensor(lens, torch.int32))
+            tables += [0] * (width * pad)
+        longs = self._tensor(ids + pos + slots).view(3, batch, 1)
+        ints = self._tensor(lens + tables, torch.int32)
+        return longs, ints[batch:].view(batch, width), ints[:batch]
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _decode_logits(self, ids, pos, meta: StepMeta) -> torch.Tensor:
@@ -130,38 +150,59 @@ class ModelRunner:
     def _capture(self, sizes: list[int]) -> None:
         B = max(sizes)
         dev = self.device
-        self.g_ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((B, 1), self.cache.scratch_slot, dtype=torch.long, device=dev)
+        self.g_longs = torch.zeros(3, B, 1, dtype=torch.long, device=dev)  # ids, positions, slots
+        self.g_longs[2] = self.cache.scratch_slot
+        g_ids, g_pos, g_slots = self.g_longs
         self.g_tables = torch.zeros(B, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.g_lens = torch.ones(B, dtype=torch.int32, device=dev)
         self.g_out: dict[int, torch.Tensor] = {}
         pool = None
         for b in sorted(sizes, reverse=True):  # largest first, so smaller graphs reuse its memory pool
-            meta = StepMeta(True, self.g_slots[:b], self.g_tables[:b], self.g_lens[:b])
-            self._decode_logits(self.g_ids[:b], self.g_pos[:b], meta)  # warm up kernels (autotune, lazy init)
+            meta = StepMeta(True, g_slots[:b], self.g_tables[:b], self.g_lens[:b])
+            self._decode_logits(g_ids[:b], g_pos[:b], meta)  # warm up kernels (autotune, lazy init)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.g_out[b] = self._decode_logits(self.g_ids[:b], self.g_pos[:b], meta)
+                self.g_out[b] = self._decode_logits(g_ids[:b], g_pos[:b], meta)
             pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(dev)
 
+    def fits_decode(self, seqs: list[Sequence], counts: list[int]) -> bool:
+        """Whether a step of counts[i] tokens for seqs[i] runs as decode rows in a captured graph (`decode` with
+        counts). A prompt chunk's eager forward costs ~1 ms of host launches per layer on an H100 host whatever its
+        length, while a graph replay at its row count costs what its weights and KV reads cost; but each decode row
+        reads its whole context, so chunks that are long, or sit after a long context, keep the prefill path."""
+        if not self.graphs or sum(counts) > max(self.graphs) or max(counts) > DECODE_CHUNK:
+            return False
+        return sum(n * (s.num_computed_tokens + n) for s, n in zip(seqs, counts) if n > 1) <= DECODE_CHUNK_READS
+
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        n = len(seqs)
+    def decode(self, seqs: list[Sequence], next_ids: torch.Tensor | None = None,
+               counts: list[int] | None = None) -> torch.Tensor:
+        """Logits (len(seqs), vocab) for each sequence's next token.
+        next_ids (len(seqs),), on the device: feed these instead of the last tokens, one position further on;
+        they are the tokens of a step still running, which the host has not seen (LLMEngine's async scheduling).
+        counts: feed each sequence counts[i] tokens from num_computed_tokens on, one row each (see fits_decode);
+        the logits are those of each sequence's last row."""
+        n = len(seqs) if counts is None else sum(counts)
         size = next((b for b in sorted(self.graphs) if b >= n), None)
+        longs, tables, lens = self._decode_inputs(seqs, size or n, counts, ahead=next_ids is not None)
         if size is None:
-            ids, pos, slots, tables, lens = self._decode_inputs(seqs, n)
-            return self._decode_logits(ids, pos, StepMeta(True, slots, tables, lens))
-        ids, pos, slots, tables, lens = self._decode_inputs(seqs, size)
-        self.g_ids[:size].copy_(ids)
-        self.g_pos[:size].copy_(pos)
-        self.g_slots[:size].copy_(slots)
-        self.g_tables[:size, :tables.shape[1]].copy_(tables)
-        self.g_lens[:size].copy_(lens)
-        self.graphs[size].replay()
-        return self.g_out[size][:n]
+            if next_ids is not None:
+                longs[0, :, 0] = next_ids
+            ids, pos, slots = longs
+            out = self._decode_logits(ids, pos, StepMeta(True, slots, tables, lens))
+        else:
+            self.g_longs[:, :size].copy_(longs)
+            if next_ids is not None:
+                self.g_longs[0, :n, 0] = next_ids
+            self.g_tables[:size, :tables.shape[1]].copy_(tables)
+            self.g_lens[:size].copy_(lens)
+            self.graphs[size].replay()
+            out = self.g_out[size]
+        if counts is None:
+            return out[:n]
+        return out[torch.tensor(list(itertools.accumulate(counts)), device=out.device) - 1]
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
@@ -169,5 +210,5 @@ class ModelRunner:
         hidden = self.model.hidden_states(ids, pos, PagedStep(self.cache, meta))
         return self.model.lm_head(hidden[torch.arange(len(seqs), device=self.device), last])
 
-    def sample(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> Sampled:
-        return sample_batch(logits, reqs)
+    def sample(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> PendingSample:
+        return PendingSample(logits, reqs)

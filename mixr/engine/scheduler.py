@@ -187,6 +187,32 @@ class Scheduler:
             budget -= n
         return batch
 
+    def schedule_ahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """The step after `batch` (scheduled, not yet postprocessed), planned before its tokens are known, so that
+        the runner can queue it behind `batch` (async scheduling): the same sequences, each one token further on,
+        except those that `batch`'s token ends by length. Blocks for the unknown token are taken now.
+
+        None when the next step may be another one: sequences waiting or mid-prefill (admission is `schedule`'s),
+        or too few free blocks (preemption is too). A sequence that `batch`'s token ends by a stop token is in the
+        plan; `postprocess` then skips its row and the row's work is wasted."""
+        c, bm = self.config, self.block_manager
+        if self.waiting or not batch.seqs or any(n != 1 for n in batch.num_new_tokens):
+            return None
+        seqs = [s for s in batch.seqs if s.status is RUNNING]
+        if len(seqs) != len(self.running):
+            return None  # someone else is running (admitted since `batch`?): let `schedule` decide
+        seqs = [s for s in seqs if s.num_generated + 1 < s.params.max_tokens and s.num_tokens + 1 < c.max_model_len]
+        if not seqs or sum(bm.blocks_needed(s, 1) - len(s.block_table) for s in seqs) > bm.num_free_blocks:
+            return None
+        ahead = ScheduledBatch()
+        for s in seqs:
+            bm.may_append(s, ahead=1)
+            ahead.seqs.append(s)
+            ahead.num_new_tokens.append(1)
+            ahead.start_positions.append(s.num_tokens)
+            ahead.do_sample.append(True)
+        return ahead
+
     def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int] | list[int | None]) -> list[Sequence]:
         """Record a computed step. sampled holds the token of each do_sample row, by seq_id (dict) or by row
         (list, None for the other rows). Returns the sequences that finished this step (their blocks are freed);

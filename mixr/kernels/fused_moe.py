@@ -48,7 +48,8 @@ if HAS_TRITON:
 #   gemm: grouped path. BLOCK_M is shared by both GEMMs (it sets the alignment); "up" and "down" give
 #         BLOCK_N, BLOCK_K, GROUP_M (programs along M launched together, so they share weight tiles in L2),
 #         num_warps, num_stages for each GEMM.
-# Tuned on one H100 (bench/bench_kernels.py sweeps candidates): DeepSeek-V2-Lite (2048, 1408), Qwen3-30B-A3B (2048, 768).
+# Tuned on one H100 (bench/bench_kernels.py sweeps candidates; bench/tune_quant_moe.py --formats bf16 the small-batch
+# tiles with the shared expert inside): DeepSeek-V2-Lite (2048, 1408), Qwen3-30B-A3B (2048, 768).
 def _gemv(up_n, up_k, down_n, down_k, fuse_k=True, warps=4):
     return dict(path="gemv", UP_N=up_n, UP_K=up_k, DOWN_N=down_n, DOWN_K=down_k, FUSE_K=fuse_k, num_warps=warps)
 
@@ -60,7 +61,7 @@ def _gemm(bm, up, down):
 
 MOE_CONFIGS: dict[tuple[int, int], list[tuple[int, dict]]] = {
     (2048, 1408): [
-        (1, _gemv(4, 256, 8, 128, fuse_k=False)),
+        (1, _gemv(4, 128, 8, 128, fuse_k=False, warps=1)),  # with 2 shared slices: 52.8 us (56.9 at 4 warps)
         (8, _gemv(8, 256, 32, 128, fuse_k=False)),
         (32, _gemm(16, (64, 256, 1, 4, 3), (64, 128, 1, 4, 4))),
         (256, _gemm(32, (128, 128, 1, 4, 3), (128, 128, 1, 4, 3))),

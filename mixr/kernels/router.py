@@ -41,8 +41,9 @@ except ImportError:  # CPU-only installs: the reference path serves
 HAS_TRITON = triton is not None
 GEMV_MAX_T = 64  # each GEMV program reads a slice of W per token: past this a GEMM reads W once for all tokens
 # The GEMV tile: columns of W a program loads per step, and warps (for the GEMV and the last program's selection).
-# Measured at 6.5 us a call at DeepSeek-V2-Lite's shape, batch 1, H100; bench/tune_router.py times the others.
-ROUTER_TILE = {"BLOCK_K": 512, "num_warps": 4}
+# On an H100 at batch 1 (bench/tune_router.py): 3.9 us a call at DeepSeek-V2-Lite's shape (4.9 with 4 warps), 8.3 at
+# DeepSeek-V3's (8.1 with 4).
+ROUTER_TILE = {"BLOCK_K": 512, "num_warps": 1}
 MAX_EXPERTS = 1024  # the select kernel holds a token's scores in registers
 _KNOWN = {"num_experts", "top_k", "scoring_func", "topk_method", "n_group", "topk_group", "norm_topk_prob",
           "routed_scaling_factor", "correction_bias"}
