@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import emit
 
 from mixr import LLM, SamplingParams
 from mixr.layers.moe import dynamic_expert_stats, set_dynamic_experts
@@ -232,10 +233,7 @@ def main() -> None:
                                   [1, 32] if args.gpu else [1, 64])
     if items:
         result["best_within_1_point"] = best_setting(result["settings"])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     del llm
     gc.collect()
     if random_v2:

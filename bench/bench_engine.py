@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit, save
 
 from mixr.checkpoint import save_model
 from mixr.models import config_from_hf
@@ -277,16 +278,12 @@ def main() -> None:
     m = result["mixr"]
     floor = m["active_weight_bytes_per_token"] / (result["ceilings"]["copy_bandwidth_GBps"] * 1e9)
     m["batch1_fraction_of_weight_read_roofline"] = m["batch1_decode_tok_per_s_per_seq"] * floor
-    if args.out:  # written now too, so a later stage that runs out of time loses nothing
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.out)  # written now too, so a later stage that runs out of time loses nothing
     if not args.skip_hf:
         import transformers
         result["hf_transformers"] = {"version": transformers.__version__} | bench_hf(
             path, vocab, args.prompt_len, args.new_tokens, [1, 32], agree)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ run (read + write bytes / time). Every skinny result is checked against an fp32 
 
 import argparse
 import importlib
-import json
 import math
 import sys
 import time
@@ -24,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 from bench_kernels import gpu_report, rel_err, time_graph
+from report import emit
 
 gemv = importlib.import_module("mixr.kernels.gemv")
 
@@ -123,11 +123,7 @@ def main():
             torch.cuda.empty_cache()
     bad = [r for r in report["results"] if not r["rel_err"] < 2e-2]
     report["failing_checks"] = len(bad)
-    text = json.dumps(report, indent=1, default=str)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    emit(report, args.out, indent=1, default=str)
     sys.exit(1 if bad else 0)
 
 

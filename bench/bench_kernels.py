@@ -25,10 +25,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from report import save
 
 from mixr.kernels.attention import paged_decode_attention, paged_decode_attention_ref
 from mixr.kernels.fused_moe import fused_moe, fused_moe_ref
-from mixr.kernels.timing import graph_ms
+from mixr.kernels.timing import events_ms, graph_ms
 
 # The package exports functions named like their modules, so fetch the modules themselves by name.
 attn_mod = importlib.import_module("mixr.kernels.attention")
@@ -80,21 +81,7 @@ def time_graph(calls, min_ms: float = 25.0, batches: int = 7) -> float:
 
 def time_eager(fn, min_ms: float = 25.0, batches: int = 5) -> float:
     fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    reps = max(1, min(200, int(min_ms / 1e3 / max(time.perf_counter() - t0, 1e-6))))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(batches):
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
+    return events_ms(fn, min_ms=min_ms, batches=batches, min_reps=1, max_reps=200)
 
 
 def gpu_report() -> dict:
@@ -447,10 +434,6 @@ def main():
     ceil_bw = report["copy_bandwidth_GBps"] * 1e9
     report["checks"], report["moe"], report["attention"] = [], [], []
 
-    def save():
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-
     # (weight, stage): what is left of the budget after the checks is shared among the timed stages by weight.
     stages = []
     if not only or "checks" in only:
@@ -473,7 +456,7 @@ def main():
             import traceback
             traceback.print_exc()
             report.setdefault("errors", []).append(f"{type(ex).__name__}: {ex}")
-        save()
+        save(report, args.out, indent=1, default=str)
     bad = [c for c in report["checks"] if not c["rel_err"] < 2e-2 or not c.get("empty_context_zero", True)]
     log(f"checks: {len(report['checks'])}, failing: {len(bad)}")
     for c in bad:

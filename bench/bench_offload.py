@@ -25,7 +25,6 @@ most 8 tokens on the CPU).
 
 import argparse
 import gc
-import json
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +33,8 @@ import torch
 from torch import nn
 
 from bench_engine import SHAPES, cover_vocab, make_checkpoint, random_prompts
+from report import emit, save
+
 from mixr import LLM, SamplingParams, load_model
 from mixr.checkpoint import save_model
 from mixr.kernels import fused_moe, fused_moe_ref
@@ -244,10 +245,6 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
               "smoke": args.smoke, "budget_gb": args.budget_gb, "ceilings": ceilings() if DEV == "cuda" else None}
 
-    def save():
-        if args.out:  # after each stage, so a later one that runs out of time loses nothing
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
     # 1. correctness in float32 on a 3-layer cut (1 dense + 2 MoE layers); budget: 4 of 64 experts per layer
     if args.smoke:
         path = root / "smoke"
@@ -262,8 +259,7 @@ def main() -> None:
         expert_f32 = 3 * 2048 * 1408 * 4
         result["float32_check"] = check_float32(small, 4 * 2 * expert_f32 / 1e9)
         shutil.rmtree(small)
-    print(json.dumps(result, indent=2), flush=True)
-    save()
+    emit(result, args.out)  # after each stage, so a later one that runs out of time loses nothing
 
     # 2. full depth, bf16
     if not args.smoke:
@@ -307,7 +303,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    save()
+    save(result, args.out)
 
     t = time.perf_counter()
     llm = LLM(path, expert_offload="cpu", gpu_expert_budget_gb=args.budget_gb, **common)
@@ -360,7 +356,7 @@ def main() -> None:
     r["policies"] = policies
     r["peak_gpu_memory_GiB"] = gpu_memory_GiB()
     result["hybrid"] = r
-    save()
+    save(result, args.out)
 
     originals = swap_to_naive(llm.model)
     got = llm.generate(check_prompts[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].token_ids
@@ -374,9 +370,7 @@ def main() -> None:
     keys = ["decode_tok_per_s"] + [f"prefill_{L}_tok_per_s" for L in lengths]
     result["speedup_hybrid_over_naive"] = {k: h[k] / n[k] for k in keys}
     result["hybrid_fraction_of_all_gpu"] = {k: h[k] / a[k] for k in keys}
-    text = json.dumps(result, indent=2)
-    print(text)
-    save()
+    emit(result, args.out)
     shutil.rmtree(root, ignore_errors=True)
 
 

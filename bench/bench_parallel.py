@@ -8,13 +8,13 @@ and each configuration's greedy agreement with the first one. Prints JSON (and w
 
 import argparse
 import gc
-import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 from bench_engine import SHAPES, make_checkpoint  # bench/ is on sys.path when this file runs as a script
+from report import emit, save
 
 CONFIGS = {"tp1": (1, "tp"), "tp2": (2, "tp"), "ep2": (2, "ep"), "tp4": (4, "tp"), "ep4": (4, "ep"),
            "tp8": (8, "tp"), "ep8": (8, "ep")}
@@ -107,12 +107,8 @@ def main() -> None:
         first = first or tokens
         out["greedy_agreement_with_first"] = agreement(tokens, first)
         result["runs"][name] = out
-        if args.out:  # written after every configuration, so a run cut short loses nothing
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+        save(result, args.out)  # written after every configuration, so a run cut short loses nothing
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

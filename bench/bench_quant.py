@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import emit, save
 
 from mixr.checkpoint import load_model
 from mixr.quant import quantize_model
@@ -277,14 +278,13 @@ def gpu(args) -> dict:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": "v2-lite (random)"}
     t0 = time.perf_counter()
 
-    def save():
+    def save_stage():
         result["elapsed_seconds"] = time.perf_counter() - t0
-        if args.out:  # after every stage, so a stage that runs out of time loses nothing before it
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        save(result, args.out)  # after every stage, so a stage that runs out of time loses nothing before it
 
     result["kernel_checks"] = check_kernels()
     result["ceilings"] = ceilings()
-    save()
+    save_stage()
     path = Path(args.dir)
     import shutil
     shutil.rmtree(path, ignore_errors=True)
@@ -293,7 +293,7 @@ def gpu(args) -> dict:
     result["checkpoint"] = ck
     result["layers"] = args.layers or SHAPES["v2-lite"]["num_hidden_layers"]
     vocab = SHAPES["v2-lite"]["vocab_size"]
-    save()
+    save_stage()
     eval_ids = torch.tensor(random_prompts(2, 256, vocab, seed=7), device=DEVICE)
     gen_prompts = random_prompts(4, 32, vocab, seed=8)
     new = args.new_tokens
@@ -337,7 +337,7 @@ def gpu(args) -> dict:
         variants[q] = r
         del llm
         gc.collect()
-        save()
+        save_stage()
     b = variants["bf16"]
     result["speedup_vs_bf16"] = {q: {"batch1_decode": variants[q]["batch1_decode_tok_per_s_per_seq"]
                                      / b["batch1_decode_tok_per_s_per_seq"],
@@ -348,7 +348,7 @@ def gpu(args) -> dict:
     s = result["speedup_vs_bf16"]
     result["targets"] = {"int4_batch1_decode_ge_1.8x": s["int4"]["batch1_decode"] >= 1.8,
                          "int8_batch1_decode_ge_1.4x": s["int8"]["batch1_decode"] >= 1.4}
-    save()
+    save_stage()
     if not args.skip_gptq:  # same format as int4 RTN, so the same speed: only its quality is new
         torch.cuda.empty_cache()
         t = time.perf_counter()
@@ -361,7 +361,7 @@ def gpu(args) -> dict:
             logits = model(eval_ids).flatten(0, 1).float()
         variants["int4-gptq"] = r | logit_metrics(ref["logp"], logits)
         del model, logits
-        save()
+        save_stage()
     return result
 
 
@@ -388,10 +388,7 @@ def main() -> None:
         result = gpu(args)
     else:
         result = {"device": "cpu", "torch": torch.__version__} | quality(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Correctness comes first: every timed kernel's output is compared with its refere
 
 import argparse
 import importlib
-import json
 import math
 import statistics
 import sys
@@ -34,6 +33,7 @@ from bench_kernels import (
     routing,
     time_graph,
 )
+from report import save
 
 from mixr.kernels.attention import paged_decode_attention, paged_decode_attention_ref
 from mixr.kernels.fp8 import act_quant_ref, fp8_block_linear, fp8_block_linear_ref
@@ -329,10 +329,6 @@ def main():
     ceil_bw = report["copy_bandwidth_GBps"] * 1e9
     log(f"{report['device']}: copy {report['copy_bandwidth_GBps']:.0f} GB/s")
 
-    def save():
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-
     failed = False
     for stage, fn in (("dense", lambda r: bench_dense(r, ceil_bw, args.sweep)),
                       ("moe", lambda r: bench_moe(r, ceil_bw, args.sweep)),
@@ -348,7 +344,7 @@ def main():
             import traceback
             traceback.print_exc()
             report.setdefault("errors", []).append(f"{stage}: {type(ex).__name__}: {ex}")
-        save()
+        save(report, args.out, indent=1, default=str)
     # correctness: rel_err vs the fp32 reference of the same quantized math (fp8 linear: vs act-quantized ref)
     bad = []
     for stage in ("dense", "moe", "fp8", "attention"):
@@ -357,7 +353,7 @@ def main():
             if e is not None and not e < 2e-2:
                 bad.append(r)
     report["failing_checks"] = len(bad)
-    save()
+    save(report, args.out, indent=1, default=str)
     log(f"failing checks: {len(bad)}")
     for r in bad:
         log("  FAIL", {k: v for k, v in r.items() if k not in ("sweep", "config")})

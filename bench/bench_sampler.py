@@ -9,11 +9,11 @@ DeepSeek-V2's 102,400 at serving batch sizes. Wall time per call, after warm-up,
 """
 
 import argparse
-import json
 import random
 import time
 
 import torch
+from report import emit
 
 from mixr.sampling import SampleRequest, SamplingParams, filter_logits, sample_batch
 
@@ -60,11 +60,7 @@ def main() -> None:
             loop = ms_per_call(lambda: per_row(logits, p, gens), dev)
             result["results"].append({"rows": B, "vocab": V, "setting": name, "batched_ms": batched,
                                       "per_row_loop_ms": loop, "speedup": loop / batched})
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 from queue import Empty
 
 import httpx
+from report import emit
 
 
 def percentiles(values: list[float]) -> dict:
@@ -254,11 +255,7 @@ def main() -> None:
     if not 0 <= args.shared_prefix < args.input_len:
         p.error("--shared-prefix must be in [0, --input-len)")
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

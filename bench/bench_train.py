@@ -29,13 +29,13 @@ backward under bf16 autocast at the step's token count.
 """
 
 import argparse
-import json
 import math
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from report import emit
 
 from mixr.kernels.fused_moe import fused_moe, fused_moe_ref
 from mixr.models import config_from_hf
@@ -333,11 +333,7 @@ def main():
             eb["share_of_step_all_layers"] = eb["fused_moe_ref"]["fwd_bwd_ms"] / 1e3 * args.layers / step_s
         result["experts_bench"] = eb
     result["wall_s"] = time.time() - t_start
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

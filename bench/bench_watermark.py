@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit, save
 
 from mixr import LLM, SamplingParams
 from mixr.checkpoint import save_model
@@ -182,8 +183,7 @@ def main() -> None:
         for name, path in models.items():
             result["models"][name] = run_model(path, deltas, args.samples, args.tokens, args.threshold, args.batch,
                                                variants, args.task if args.model else None)
-            if args.out:  # write after each model, so a cut run keeps what it measured
-                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            save(result, args.out)  # write after each model, so a cut run keeps what it measured
         tok = Tokenizer.from_dir(next(iter(models.values())))
         passages = human_passages(tok, args.samples, args.tokens)
     cfg = WatermarkConfig(KEY)
@@ -199,10 +199,7 @@ def main() -> None:
              for p in passages], args.threshold),
     }
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

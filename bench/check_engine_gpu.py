@@ -5,13 +5,14 @@ the reference path (contiguous cache, expanded MLA, SDPA) on tiny random checkpo
 """
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from conftest import FAMILIES, VOCAB, make_hf_checkpoint
+from report import emit
+
 from mixr import LLM, SamplingParams
 from mixr.reference import reference_generate
 
@@ -47,10 +48,7 @@ def main() -> None:
                 print(name, dtype, result["families"][f"{name}/{dtype}"], flush=True)
                 del llm
                 torch.cuda.empty_cache()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ _decode_logits`, what the graph captures) on the CPU in bf16 on tiny random Deep
 aten ops that reach the dispatcher, less those that launch nothing (views, empty allocations). The Triton kernels
 cannot run here; each is replaced by its PyTorch reference run uncounted and charged the launches it makes on a
 GPU, so the count is the one the CUDA path would have:
-  fused_moe: 2 GEMV kernels (+1 sum when the config does not fuse over k); paged_decode_attention: 2 (decode +
+  fused_moe: 2 GEMV kernels (the shared expert and the sum over k inside them); paged_decode_attention: 2 (decode +
   split merge, batch 1 splits); mixr.kernels.norm / rope / router: the launches their wrappers make.
 
     PYTHONPATH=. python bench/count_decode_ops.py [--no-fused] [--out counts.json]
@@ -25,12 +25,11 @@ import argparse
 import collections
 import contextlib
 import importlib
-import json
 import time
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from report import emit
 
 from mixr.engine.model_runner import ModelRunner
 from mixr.engine.paged_cache import StepMeta
@@ -111,13 +110,16 @@ def patch_kernels(counter: KernelCounter, fused: bool) -> list:
         undo.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
 
-    def moe_launches(x, gate_up, down, ids, weights, **_):
+    def moe_launches(x, gate_up, down, ids, weights, shared=None):
         cfg = moe_k.moe_config(x.shape[0], x.shape[1], down.shape[2])
-        return 2 if cfg["path"] == "gemv" else 6
+        if cfg["path"] == "gemv":
+            return 2  # a shared expert (the MoE passes one only when it fits) runs inside the two GEMVs
+        return 6 + (6 if shared is not None else 0)  # shared_mlp_ref: 3 linears, silu, mul, the add
 
     moe_layer = importlib.import_module("mixr.layers.moe")
     paged = importlib.import_module("mixr.engine.paged_cache")
-    setattr_(moe_layer, "fused_moe", emulated(counter, "fused_moe", moe_k.fused_moe_ref, moe_launches))
+    # fused_moe on a CPU is its reference (fused_moe_ref, + shared_mlp_ref for a shared expert)
+    setattr_(moe_layer, "fused_moe", emulated(counter, "fused_moe", moe_k.fused_moe, moe_launches))
     setattr_(paged, "paged_decode_attention",
              emulated(counter, "paged_decode_attention", attn_k.paged_decode_attention_ref, 2))
     # mixr's own small kernels: each module chooses its path with `_use_triton` and launches through `_launch_*`,
@@ -313,10 +315,7 @@ def main() -> None:
                               args.replays, args.quantization)
     else:
         result = {name: count_model(name, hf, args.context or 40, not args.no_fused) for name, hf in MODELS.items()}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

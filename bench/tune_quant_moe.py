@@ -15,10 +15,10 @@ import importlib
 import itertools
 import json
 import time
-from pathlib import Path
 
 import torch
 from bench_kernels import rel_err, routing, time_graph
+from report import save
 
 from mixr.quant.rtn import QuantSpec, quantize_rtn
 
@@ -104,8 +104,7 @@ def main() -> None:
             run["best"], run["best_us"] = cur, best_us
             print(json.dumps({k: v for k, v in run.items() if k != "tried"}), flush=True)
             out["runs"].append(run)
-            if args.out:
-                Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+            save(out, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ Prints JSON (and writes it to --out); copy the fastest tile into ROUTER_TILE.
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
+from report import emit
 
 from mixr.kernels import router as R
 from mixr.kernels.timing import graph_ms
@@ -52,10 +51,7 @@ def main() -> None:
         R.ROUTER_TILE.update(default)
         with torch.no_grad():  # the PyTorch path, for scale
             result["us_per_call"][f"{name}/pytorch"] = time_us(lambda: R.route_ref(x, r.weight, bias, r.opts))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

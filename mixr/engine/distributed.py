@@ -294,7 +294,9 @@ class ParallelRunner:
     def fits_decode(self, seqs, counts: list[int]) -> bool:
         return False  # the workers decode one row per sequence
 
-    def decode(self, seqs) -> torch.Tensor:
+    def decode(self, seqs, next_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if next_ids is not None:  # EngineConfig refuses async scheduling with tensor parallelism
+            raise NotImplementedError("tensor-parallel workers are sent host tokens, not a running step's")
         self.workers.send(("decode", [(s.token_ids[-1], s.num_tokens, s.block_table) for s in seqs]))
         with self.workers.step():
             return self.runner.decode(seqs)

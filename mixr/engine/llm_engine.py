@@ -404,7 +404,7 @@ class LLMEngine:
         """Launch batch's forward and sampling; return the batch rows that sample, in the order of the pending
         tokens. next_ids: a decode batch fed these device tokens (`ModelRunner.decode`)."""
         counts = batch.num_new_tokens
-        if next_ids is None and max(counts) > 1 and self.runner.fits_decode(batch.seqs, counts):
+        if max(counts) > 1 and self.runner.fits_decode(batch.seqs, counts):
             decode, prefill = [], []  # short prompt chunks: all of it as decode rows, in a graph
             logits, rows = [self.runner.decode(batch.seqs, counts=counts)], list(range(len(counts)))
         else:
@@ -413,7 +413,7 @@ class LLMEngine:
             logits, rows = [], []
         if decode:
             seqs = [batch.seqs[i] for i in decode]
-            logits.append(self.runner.decode(seqs) if next_ids is None else self.runner.decode(seqs, next_ids))
+            logits.append(self.runner.decode(seqs, next_ids))
             rows += decode
         if prefill:
             logits.append(self.runner.prefill([batch.seqs[i] for i in prefill],
