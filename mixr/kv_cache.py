@@ -1,10 +1,14 @@
 """The KV-cache interface layers see, and the contiguous cache of the reference generation path.
 
-A layer's cache view offers two calls:
+A layer's cache view offers three calls:
   update(positions, *entries) -> (*all_entries, key_positions)   store, then read back everything cached
-  attention(q, positions, scale, k, v=None, v_dim=None) -> out   store k (and v), attend over the cache
+  attention(q, positions, scale, k, v=None, v_dim=None, v_proj=None) -> out
+                                                                 store k (and v), attend over the cache
+  decode_rows() -> (rows, slots) or None                         where to write new entries directly, if allowed
 When v is None, V is the first v_dim channels of K: MLA caches one row [latent | rope key] per token, and
-absorbed MLA decode is multi-query attention with K = that row and V = its latent part.
+absorbed MLA decode is multi-query attention with K = that row and V = its latent part. v_proj (H, Dp, Dv) multiplies
+each head's output by its own matrix (absorbed MLA's W_UV), which the paged decode kernel fuses with its split merge.
+k None means the layer wrote its entries through decode_rows() (the paged cache's decode steps only).
 `decode` tells MLA whether to take the absorbed path (one new token per sequence) or the expanded one.
 
 ContiguousCache: slot j of row b holds position j, so right-padded rows of different lengths need no extra
@@ -84,16 +88,20 @@ class LayerCache:
             buf[c.rows, positions] = to_kv(x, buf.dtype, c.kv_scale)
         return (*(dequantize_kv(buf[:, :n], c.dtype, c.kv_scale) for buf in self.buffers), c.slots[:, :n])
 
-    def attention(self, q, positions, scale, k, v=None, v_dim=None):
-        return attend_cached(self, q, positions, scale, k, v, v_dim)
+    def decode_rows(self):
+        return None  # entries go through update()
+
+    def attention(self, q, positions, scale, k, v=None, v_dim=None, v_proj=None):
+        return attend_cached(self, q, positions, scale, k, v, v_dim, v_proj)
 
 
-def attend_cached(view, q, positions, scale, k, v=None, v_dim=None):
+def attend_cached(view, q, positions, scale, k, v=None, v_dim=None, v_proj=None):
     """Store k (and v) through view.update, then attend over everything it returns; when v is None, V is the
-    first v_dim channels of the cached K rows (MLA)."""
+    first v_dim channels of the cached K rows (MLA). v_proj (H, Dp, Dv): out[..., h, :] @ v_proj[h].T."""
     if v is None:
         k, k_pos = view.update(positions, k)
         v = k[..., :v_dim]
     else:
         k, v, k_pos = view.update(positions, k, v)
-    return causal_attention(q, k, v, positions, k_pos, scale)
+    out = causal_attention(q, k, v, positions, k_pos, scale)
+    return out if v_proj is None else torch.einsum("blhd,hpd->blhp", out, v_proj)

@@ -209,6 +209,22 @@ def test_rope_qk_into_strided_views(interleaved):
     assert torch.equal(k_out[..., R:], rope_ref(kv[:, :, None, R:], cos, sin, interleaved))
     assert torch.equal(k_out[:, :, 0, :R], rms_norm_ref(kv[..., :R], w, 1e-6))  # the latent norm, same launch
     assert (q_out[..., :R] == 0).all()  # nothing written outside the slices
+    # with the query's absorption q_nope @ W_UK written into the rest of q_out
+    w_uk = torch.randn(H, dn, R, generator=g) / dn**0.5
+    apply_rope_qk(q[..., dn:], None, cos, sin, interleaved, q_out=q_out[..., R:],
+                  absorb=(q[..., :dn], w_uk, q_out[..., :R]))
+    torch.testing.assert_close(q_out[..., :R], torch.einsum("blhd,hdr->blhr", q[..., :dn], w_uk), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="absorb"):
+        apply_rope_qk(q[..., dn:], None, cos, sin, interleaved, absorb=(q[..., :dn], w_uk[1:], q_out[..., :R]))
+    # the key and the latent scattered into the rows of a paged cache instead
+    rows = torch.zeros(20, 1, R + dr)
+    slots = torch.randperm(20, generator=g)[:B * L]
+    apply_rope_qk(q[..., dn:], kv[:, :, None, R:], cos, sin, interleaved, q_out=q_out[..., R:],
+                  k_out=rows[..., R:], out_slots=slots, norm=(kv[..., :R], w, 1e-6, rows[:, 0, :R]))
+    assert torch.equal(rows[slots], k_out.reshape(B * L, 1, R + dr))
+    assert (rows.sum((1, 2)) != 0).sum() == B * L  # nothing written to other rows
+    with pytest.raises(ValueError, match="out_slots"):
+        apply_rope_qk(q[..., dn:], kv[:, :, None, R:], cos, sin, interleaved, k_out=rows[..., R:], out_slots=slots[1:])
     # the rotation is a rotation: pairwise norms are kept
     pairs = q[..., dn:].reshape(B, L, H, dr // 2, 2) if interleaved else q[..., dn:].reshape(B, L, H, 2, dr // 2)
     n_in = pairs.pow(2).sum(-1 if interleaved else -2)
@@ -307,6 +323,44 @@ def test_rope_kernel_interpreted(interleaved, Hq, Hk, D):
     torch.testing.assert_close(normed[..., 10:], rms_norm_ref(latent, w, 1e-6), rtol=1e-6, atol=1e-6)
     assert (normed[..., :10] == 0).all()
     torch.testing.assert_close(k_out, rope_ref(k, cos, sin, interleaved), rtol=1e-6, atol=1e-6)
+    # the same, scattered into rows picked per token (a paged cache's slots)
+    slots = torch.randperm(3 * B * L, generator=g)[:B * L]
+    k_rows, n_rows = torch.zeros(3 * B * L, Hk, D), torch.zeros(3 * B * L, 40)
+    rope_mod._launch_rope(q, k, cos, sin, interleaved, q_out, k_rows, (kv.view(B * L, 48)[:, :40], w, 1e-6, n_rows),
+                          slots)
+    torch.testing.assert_close(k_rows[slots], rope_ref(k, cos, sin, interleaved).reshape(B * L, Hk, D),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(n_rows[slots], rms_norm_ref(latent, w, 1e-6).reshape(B * L, 40), rtol=1e-6, atol=1e-6)
+    untouched = torch.ones(3 * B * L, dtype=torch.bool)
+    untouched[slots] = False
+    assert (k_rows[untouched] == 0).all() and (n_rows[untouched] == 0).all()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("B,L", [(1, 1), (2, 1), (1, 3)])
+@pytest.mark.parametrize("Dn,R,block_r", [(16, 32, 16), (24, 40, 16)])
+def test_rope_kernel_absorbs_query_interpreted(B, L, Dn, R, block_r):
+    """MLA's q_nope @ W_UK run by extra programs of the rope launch (every token through each head's W_UK slice),
+    with the rotations, the latent norm and the scatter into cache rows in the same launch."""
+    g = torch.Generator().manual_seed(B * 10 + L + R)
+    H, dr = 4, 8
+    q = torch.randn(B, L, H, Dn + dr, generator=g)
+    kv = torch.randn(B, L, 24 + dr, generator=g)
+    cos, sin = torch.randn(B, L, dr // 2, generator=g), torch.randn(B, L, dr // 2, generator=g)
+    w = torch.randn(H, Dn, R, generator=g) / Dn**0.5
+    w_norm = 1 + 0.3 * torch.randn(24, generator=g)
+    q_full = torch.zeros(B, L, H, R + dr)
+    rows = torch.zeros(3 * B * L, 1, 24 + dr)
+    slots = torch.randperm(3 * B * L, generator=g)[:B * L]
+    rope_mod._launch_rope(q[..., Dn:], kv[:, :, None, 24:], cos, sin, True, q_full[..., R:], rows[..., 24:],
+                          (kv.view(B * L, -1)[:, :24], w_norm, 1e-6, rows[:, 0, :24]), slots,
+                          (q[..., :Dn], w, q_full[..., :R]), block_r)
+    torch.testing.assert_close(q_full[..., :R], torch.einsum("blhd,hdr->blhr", q[..., :Dn], w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q_full[..., R:], rope_ref(q[..., Dn:], cos, sin, True), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rows[slots, :, 24:], rope_ref(kv[:, :, None, 24:], cos, sin, True).reshape(B * L, 1, dr),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rows[slots, 0, :24], rms_norm_ref(kv[..., :24], w_norm, 1e-6).reshape(B * L, 24),
+                               rtol=1e-6, atol=1e-6)
 
 
 @needs_interpreter

@@ -165,6 +165,20 @@ def test_paged_attention_ref_bf16():
     assert rel_err(out, ref) < 2e-2
 
 
+def test_paged_attention_ref_projects_heads():
+    """v_proj (absorbed MLA's W_UV): each head's output times its own (Dp, Dv) matrix."""
+    Hq, Hkv, Dk, Dv, mla = ATTN_LAYOUTS["mla"]
+    lens = [5, 0, 40]
+    args, k, v = paged_inputs(3, lens, Hq, Hkv, Dk, Dv, 16, mla)
+    w = torch.randn(Hq, 24, Dv, generator=torch.Generator().manual_seed(7)) / Dv**0.5
+    want = torch.einsum("bhd,hpd->bhp", attention_float64(args[0], k, v, lens, 0.3), w.double())
+    out = paged_decode_attention(*args, 0.3, v_proj=w)
+    assert out.shape == (3, Hq, 24) and (out[1] == 0).all()
+    assert rel_err(out, want) < 1e-5
+    with pytest.raises(ValueError, match="v_proj"):
+        paged_decode_attention(*args, 0.3, v_proj=w[:, :, 1:])
+
+
 def test_paged_attention_checks_inputs():
     (q, kc, vc, bt, cl), _, _ = paged_inputs(2, [3, 4], 8, 2, 16, 16, 4)
     with pytest.raises(ValueError, match="not a multiple"):
@@ -311,6 +325,33 @@ def test_paged_attention_triton_matches_ref(layout, bs, lens, splits):
     if any(lens):
         assert rel_err(out, ref) < 2e-2
     assert all((out[b] == 0).all() for b, n in enumerate(lens) if n == 0)
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA and Triton, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("lens", [[1], [1000], [77, 0, 300, 16, 5], [9] * 12])
+@pytest.mark.parametrize("splits", ["default", "many", "one"])
+def test_paged_attention_merges_and_projects_heads(lens, splits):
+    """The split merge and W_UV in one kernel (batches up to PROJ_CONFIG's max_batch; larger ones merge, then one
+    bmm) against attention in float64 followed by the projection."""
+    Hq, Hkv, Dk, Dv = (16, 1, 576, 512) if CUDA else (16, 1, 72, 64)
+    dtype, device = (torch.bfloat16, "cuda") if CUDA else (torch.float32, "cpu")
+    args, k, v = paged_inputs(len(lens), lens, Hq, Hkv, Dk, Dv, 16, True, dtype, device, seed=len(lens))
+    w = torch.randn(Hq, 128 if CUDA else 40, Dv, generator=torch.Generator().manual_seed(3)) / Dv**0.5
+    want = torch.einsum("bhd,hpd->bhp", attention_float64(args[0].cpu(), k.to(dtype).double(), v.to(dtype).double(),
+                                                          lens, 0.1), w.to(dtype).double())
+    w_t = w.to(device, dtype).transpose(1, 2).contiguous().transpose(1, 2)  # strided, as w_kv[:, dn:] is
+    cfg = {"default": attn_mod.ATTN_CONFIGS["mla"],
+           "many": dict(BLOCK_N=16, BLOCK_H=16, waves=16, MIN_SPLIT=16, num_warps=4, num_stages=2),
+           "one": dict(BLOCK_N=32, BLOCK_H=16, waves=0, MIN_SPLIT=16, num_warps=4, num_stages=2)}[splits]
+    # several tiles of each; batches up to 8 fused, so the 12-row case takes the merge-then-bmm path
+    proj = dict(attn_mod.PROJ_CONFIG, BLOCK_D=32 if CUDA else 16, BLOCK_S=4, max_batch=8)
+    max_ctx = args[3].shape[1] * 16
+    out = attn_mod._paged_decode_triton(*args, 0.1, max_ctx, cfg, 132, 1.0, w_t, proj)
+    assert out.shape == (len(lens), Hq, w.shape[1])
+    assert all((out[b] == 0).all() for b, n in enumerate(lens) if n == 0)
+    assert rel_err(out.cpu(), want) < (2e-2 if CUDA else 1e-5)
+    if CUDA:  # the public entry point, default configs
+        assert rel_err(paged_decode_attention(*args, 0.1, v_proj=w_t).cpu(), want) < 2e-2
 
 
 @needs_cuda

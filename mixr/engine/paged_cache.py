@@ -76,12 +76,24 @@ class PagedLayer:
         k_pos = torch.arange(gather.shape[1], device=gather.device).expand_as(gather)
         return (*out, k_pos)
 
-    def attention(self, q, positions, scale, k, v=None, v_dim=None):
+    def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a layer that writes its new entries into the cache itself (MLA's absorbed decode, from the rope
+        kernel): (entry 0's rows (slots, *entry), the slot of each new token (B*L,)), or None when entries must
+        pass through attention()'s store (prefill, or an FP8 cache, which quantizes them)."""
+        buf = self.buffers[0]
+        if not self.decode or buf.dtype != self.dtype:
+            return None
+        return buf.view(-1, *buf.shape[2:]), self.meta.slots.reshape(-1)
+
+    def attention(self, q, positions, scale, k, v=None, v_dim=None, v_proj=None):
+        """k None: the layer already wrote its entries through decode_rows(). v_proj (H, Dp, Dv): return each head's
+        output times its matrix (absorbed MLA's W_UV; see paged_decode_attention)."""
         if not self.decode:
-            return attend_cached(self, q, positions, scale, k, v, v_dim)
-        self._store((k,) if v is None else (k, v))
+            return attend_cached(self, q, positions, scale, k, v, v_dim, v_proj)
+        if k is not None:
+            self._store((k,) if v is None else (k, v))
         k_cache = self.buffers[0]
         v_cache = k_cache[..., :v_dim] if v is None else self.buffers[1]
         out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.meta.block_tables, self.meta.context_lens, scale,
-                                     kv_scale=self.kv_scale)
-        return out[:, None]  # (B, 1, H, Dv)
+                                     kv_scale=self.kv_scale, v_proj=v_proj)
+        return out[:, None]  # (B, 1, H, Dv or Dp)

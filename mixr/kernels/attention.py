@@ -10,6 +10,11 @@ them), and keeps an online softmax in fp32. With several splits, a second kernel
 log-sum-exp. The grid comes from shapes alone (never from context_lens), so there is no host sync and a CUDA graph
 can capture it; `max_context_len`, a host-side bound, only sizes the splits.
 
+MLA's output projection (`v_proj`): absorbed MLA multiplies each head's attention output (a latent of
+kv_lora_rank values) by that head's W_UV. For small batches the split merge and that product run as one kernel
+(program (head, output slice, row) merges the head's partials and multiplies them by its W_UV slice), which saves the
+merge's launch and a cuBLAS batched GEMV of 16 tiny matrices; larger batches merge, then run one bmm.
+
 FP8 cache: k_cache/v_cache may be float8_e4m3fn holding K/kv_scale and V/kv_scale (one per-tensor scale). The
 kernel loads the e4m3 tiles (half the bytes) and converts them to q's dtype in registers; kv_scale is folded into
 the softmax scale and the output. The reference dequantizes the gathered rows.
@@ -55,13 +60,28 @@ def _check(q, k_cache, v_cache, block_tables, context_lens) -> tuple[int, int, i
     return B, Hq, Hkv, Dk, v_cache.shape[3], block_size
 
 
+def _check_proj(v_proj: torch.Tensor | None, Hq: int, Dv: int, q: torch.Tensor) -> None:
+    if v_proj is not None and (v_proj.dim() != 3 or v_proj.shape[0] != Hq or v_proj.shape[2] != Dv
+                               or v_proj.dtype != q.dtype or v_proj.device != q.device):
+        raise ValueError(f"v_proj {tuple(v_proj.shape)} {v_proj.dtype} must be (Hq={Hq}, out, Dv={Dv}) of q's dtype "
+                         f"{q.dtype} on its device")
+
+
+def project_heads(out: torch.Tensor, v_proj: torch.Tensor) -> torch.Tensor:
+    """out (B, H, Dv) -> (B, H, Dp): each head's output times its own matrix, v_proj (H, Dp, Dv) (one bmm)."""
+    res = out.new_empty(out.shape[0], out.shape[1], v_proj.shape[1])
+    torch.bmm(out.transpose(0, 1), v_proj.transpose(1, 2), out=res.transpose(0, 1))
+    return res
+
+
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               max_context_len: int | None = None, kv_scale: float = 1.0) -> torch.Tensor:
+                               max_context_len: int | None = None, kv_scale: float = 1.0,
+                               v_proj: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch: gather each sequence's tokens through its block table, mask past its length, softmax in fp32.
 
     No host sync, so it also serves (slowly) on a GPU; empty contexts give zeros. FP8 caches are multiplied by
-    kv_scale after the gather.
+    kv_scale after the gather. v_proj: see paged_decode_attention.
     """
     B, Hq, Hkv, Dk, Dv, bs = _check(q, k_cache, v_cache, block_tables, context_lens)
     S = block_tables.shape[1] * bs
@@ -81,7 +101,9 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = scores.softmax(-1).nan_to_num(0.0)  # an empty context softmaxes all -inf to NaN: make it zeros
     out = torch.einsum("bhgs,bshd->bhgd", p, v)  # (B, Hkv, G, Dv)
-    return out.reshape(B, Hq, Dv).to(q.dtype)
+    out = out.reshape(B, Hq, Dv).to(q.dtype)
+    _check_proj(v_proj, Hq, Dv, q)
+    return out if v_proj is None else project_heads(out, v_proj)
 
 
 if HAS_TRITON:
@@ -208,6 +230,46 @@ if HAS_TRITON:
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_dv * stride_od, out.to(out_ptr.dtype.element_ty),
                  mask=dv_mask)
 
+    @triton.jit(do_not_specialize=["num_splits", "split_len"])
+    def _merge_project_kernel(part_o_ptr, part_lse_ptr, lens_ptr, w_ptr, out_ptr, num_splits, split_len, Hq,
+                              stride_wh, stride_wp, stride_wd, stride_ob, stride_oh, stride_op,
+                              DV: tl.constexpr, DP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_S: tl.constexpr):
+        # out[b, h, p] = sum_s c_s (o_s . w[h, p]) / sum_s c_s with c_s = 2^(lse_s - max lse), for this program's
+        # slice of p: the merge is linear, so each tile of BLOCK_S splits' partials goes through the weight slice
+        # directly. The channel loop is unrolled so that its loads are all in flight at once: this kernel is
+        # latency-bound (one row, 16 heads, a few microseconds).
+        h = tl.program_id(0)
+        offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        b = tl.program_id(2)
+        p_mask = offs_p < DP
+        w_rows = w_ptr + h * stride_wh + offs_p[:, None] * stride_wp
+        ctx = tl.load(lens_ptr + b)
+        used = tl.minimum(num_splits, (ctx + split_len - 1) // split_len)
+        base = (b * Hq + h) * num_splits
+        m = float("-inf")
+        for s0 in range(0, used, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            m = tl.maximum(m, tl.max(tl.load(part_lse_ptr + base + offs_s, mask=offs_s < used, other=float("-inf")), 0))
+        acc = tl.zeros((BLOCK_P,), tl.float32)
+        denom = 0.0
+        for s0 in range(0, used, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            s_mask = offs_s < used
+            c = tl.where(s_mask, tl.math.exp2(tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+                                              - m), 0.0)
+            denom += tl.sum(c, 0)
+            for d0 in tl.static_range(0, DV, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = offs_d < DV
+                part = tl.load(part_o_ptr + (base + offs_s)[:, None] * DV + offs_d[None, :],
+                               mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
+                w = tl.load(w_rows + offs_d[None, :] * stride_wd, mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+                acc += tl.sum(w.to(tl.float32) * tl.sum(c[:, None] * part, 0)[None, :], 1)
+        acc = acc / tl.maximum(denom, 1e-30)  # an empty context has no splits: zeros
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_p * stride_op, acc.to(out_ptr.dtype.element_ty),
+                 mask=p_mask)
+
 
 # By kind of head layout; tuned by bench/bench_kernels.py:
 #   BLOCK_N tokens per tile; BLOCK_H most query heads per program;
@@ -220,6 +282,12 @@ ATTN_CONFIGS = {
     "mla": dict(BLOCK_N=32, BLOCK_H=16, waves=4, MIN_SPLIT=128, num_warps=4, num_stages=2),  # 1 kv head, 576 / 512
     "gqa": dict(BLOCK_N=64, BLOCK_H=16, waves=2, MIN_SPLIT=64, num_warps=4, num_stages=2),  # Dk = Dv <= 256
 }
+# The merge-and-project kernel (v_proj), tuned by bench/tune_mla_decode.py: batches up to max_batch (every row's
+# programs read the whole W_UV, from L2 after the first: at batch 4 it ties with the merge and one bmm over the
+# batch, past that it loses); BLOCK_P outputs per program (V2-Lite's v_head_dim 128 in slices of 16 is 128
+# programs a row for 16 heads), BLOCK_D latent channels and BLOCK_S splits per tile. V2-Lite, H100, batch 1 at 384
+# cached tokens: attention with the merge and W_UV 10.5 us, against 12.2 unfused.
+PROJ_CONFIG = dict(max_batch=2, BLOCK_P=16, BLOCK_D=256, BLOCK_S=16, num_warps=4)
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -244,7 +312,8 @@ def split_plan(programs: int, max_ctx: int, block_n: int, target: int, min_split
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, *, max_context_len: int | None = None,
-                           config: dict | None = None, kv_scale: float = 1.0) -> torch.Tensor:
+                           config: dict | None = None, kv_scale: float = 1.0,
+                           v_proj: torch.Tensor | None = None, proj_config: dict | None = None) -> torch.Tensor:
     """q (B, Hq, Dk), k_cache (num_blocks, block_size, Hkv, Dk), v_cache (num_blocks, block_size, Hkv, Dv) (any
     strides: it may be a view of k_cache), block_tables (B, max_blocks) int32, context_lens (B,) int32 -> (B, Hq, Dv).
 
@@ -253,11 +322,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     context lengths are not range-checked on the device. On CUDA with Triton and bf16/fp16 this runs the Triton
     kernels with no host sync; otherwise `paged_decode_attention_ref`. `config` overrides ATTN_CONFIGS (for tuning).
     The caches may be float8_e4m3fn (with q bf16/fp16/fp32) holding K/kv_scale and V/kv_scale.
+
+    v_proj (Hq, Dp, Dv), any strides: return each head's output times its matrix, out[b, h] @ v_proj[h].T, (B, Hq,
+    Dp): absorbed MLA's W_UV. `proj_config` overrides PROJ_CONFIG.
     """
     B, Hq, Hkv, Dk, Dv, bs = _check(q, k_cache, v_cache, block_tables, context_lens)
+    _check_proj(v_proj, Hq, Dv, q)
     if not (HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len,
-                                          kv_scale)
+                                          kv_scale, v_proj)
     if Dk < 16 or Dv < 16:
         raise ValueError(f"head dims must be at least 16 for the tensor-core path, got Dk={Dk}, Dv={Dv}")
     max_ctx = block_tables.shape[1] * bs
@@ -265,15 +338,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_ctx = min(max_ctx, max_context_len)
     cfg = config or ATTN_CONFIGS["mla" if Hkv == 1 and Dk > 256 else "gqa"]
     return _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, max_ctx, cfg,
-                                _sm_count(q.device), kv_scale)
+                                _sm_count(q.device), kv_scale, v_proj, proj_config or PROJ_CONFIG)
 
 
 def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, max_ctx, cfg, sm_count,
-                         kv_scale=1.0):
+                         kv_scale=1.0, v_proj=None, proj=PROJ_CONFIG):
     (B, Hq, Dk), (_, bs, Hkv, _), Dv = q.shape, k_cache.shape, v_cache.shape[3]
-    out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
     if B == 0:
-        return out
+        return q.new_empty(B, Hq, Dv if v_proj is None else v_proj.shape[1])
+    fuse_proj = v_proj is not None and B <= proj["max_batch"]
     group = Hq // Hkv
     block_n = cfg["BLOCK_N"]
     block_h = min(cfg["BLOCK_H"], max(16, triton.next_power_of_2(group)))
@@ -284,7 +357,8 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
     d2 = 0 if d1 == Dk else max(16, triton.next_power_of_2(Dk - d1))
     # MLA: V is the leading Dv columns of the very same rows as K, so the K tile already holds it.
     v_is_k = (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and Dv == d1)
-    one = num_splits == 1
+    one = num_splits == 1 and not fuse_proj  # the merge-and-project kernel reads partials, even a single one
+    out = q.new_empty(B, Hq, Dv) if not fuse_proj else q  # (unused by the attention kernel when fused)
     if one:
         part_o = part_lse = out  # unused
     else:
@@ -300,8 +374,16 @@ def _paged_decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
         DV=Dv, BLOCK_DV=block_dv, V_IS_K=v_is_k, BLOCK_N=block_n, ONE_SPLIT=one,
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if fuse_proj:
+        Dp = v_proj.shape[1]
+        res = q.new_empty(B, Hq, Dp)
+        _merge_project_kernel[(Hq, triton.cdiv(Dp, proj["BLOCK_P"]), B)](
+            part_o, part_lse, context_lens, v_proj, res, num_splits, split_len, Hq, *v_proj.stride(),
+            *res.stride(), DV=Dv, DP=Dp, BLOCK_P=proj["BLOCK_P"], BLOCK_D=min(proj["BLOCK_D"], block_dv),
+            BLOCK_S=proj["BLOCK_S"], num_warps=proj["num_warps"])
+        return res
     if not one:
         _paged_decode_merge_kernel[(B, Hq)](
             part_o, part_lse, context_lens, out, num_splits, split_len, Hq, *out.stride(),
             DV=Dv, BLOCK_DV=block_dv, S_P2=triton.next_power_of_2(num_splits), num_warps=4)
-    return out
+    return out if v_proj is None else project_heads(out, v_proj)

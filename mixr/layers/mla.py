@@ -101,9 +101,10 @@ class MLAttention(nn.Module):
 
         Inference only (it writes into preallocated buffers, which autograd cannot follow). The query
         [q_nope W_UK | rotated q_pe] and the cache row [normed latent | rotated k_pe] are assembled in place: the
-        latent norm with the q and k rotations (one kernel) and the absorption GEMM each write their slices, so
-        no cat or contiguous copy runs between them: decode at batch 1 is a chain of small kernels, each of which
-        costs a few microseconds whatever it does.
+        latent norm, the q and k rotations and (for a few tokens) the absorption GEMV are one kernel, each part
+        writing its slices, so no cat or contiguous copy runs between them: decode at batch 1 is a chain of small kernels, each of which
+        costs a few microseconds whatever it does. Where the cache allows (`decode_rows`), that kernel writes the
+        row straight into its cache slot, and W_UV goes to the attention call, whose split merge applies it.
         """
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, kv, w_kv)):
             raise RuntimeError("MLA's absorbed decode is inference-only: run it under torch.no_grad or "
@@ -111,17 +112,19 @@ class MLAttention(nn.Module):
         B, L = q.shape[:2]
         H, R, dn, dr, dv = self.num_heads, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
         q_full = q.new_empty(B, L, H, R + dr)
-        row = kv.new_empty(B, L, 1, R + dr)
+        direct = cache.decode_rows()
+        if direct is None:
+            row = kv.new_empty(B, L, 1, R + dr)
+            k_out, latent_out, slots = row[..., R:], row[:, :, 0, :R], None
+        else:
+            rows, slots = direct  # rows (cache slots, 1, R + dr)
+            row, k_out, latent_out = None, rows[..., R:], rows[:, 0, :R]
         norm = self.kv_a_layernorm
+        # one launch for the rotations, the latent norm and (a few tokens) q_nope @ W_UK into q_full's latent slice
         apply_rope_qk(q[..., dn:], kv[:, :, None, R:], *rope, interleaved=self.rope_interleaved,
-                      q_out=q_full[..., R:], k_out=row[..., R:],
-                      norm=(kv[..., :R], norm.weight, norm.eps, row[:, :, 0, :R]))  # one launch for all three
-        # (H, B*L, dn) @ (H, dn, R) -> (H, B*L, R), straight into q_full's latent slice (a strided batch of rows)
-        torch.bmm(q[..., :dn].reshape(B * L, H, dn).transpose(0, 1), w_kv[:, :dn],
-                  out=q_full.view(B * L, H, R + dr)[..., :R].transpose(0, 1))
-        out = cache.attention(q_full, positions, self.softmax_scale, row, v_dim=R)  # (B, L, H, R)
-        # (H, B*L, R) @ (H, R, dv) -> (H, B*L, dv), written head-major into the (B*L, H*dv) input of o_proj
-        o = out.new_empty(B * L, H * dv)
-        torch.bmm(out.reshape(B * L, H, R).transpose(0, 1), w_kv[:, dn:].transpose(1, 2),
-                  out=o.view(B * L, H, dv).transpose(0, 1))
-        return self.o_proj(o.view(B, L, H * dv))
+                      q_out=q_full[..., R:], k_out=k_out, out_slots=slots,
+                      norm=(kv[..., :R], norm.weight, norm.eps, latent_out),
+                      absorb=(q[..., :dn], w_kv[:, :dn], q_full[..., :R]))
+        # (B, L, H, dv): each head's latent output times its W_UV (H, dv, R)
+        o = cache.attention(q_full, positions, self.softmax_scale, row, v_dim=R, v_proj=w_kv[:, dn:])
+        return self.o_proj(o.reshape(B, L, H * dv))
