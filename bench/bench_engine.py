@@ -50,7 +50,8 @@ SHAPES = {
 
 
 def sync() -> None:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():  # bench_parallel's --smoke runs on a CPU
+        torch.cuda.synchronize()
 
 
 def ceilings() -> dict:
@@ -130,8 +131,33 @@ def active_bytes_per_token(model) -> int:
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """Token ids clear of the special tokens at either end of the vocabulary (small vocabularies too)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(1000, vocab - 1000, (n, length), generator=g).tolist()
+    margin = min(1000, vocab // 4)
+    return torch.randint(margin, vocab - margin, (n, length), generator=g).tolist()
+
+
+def decode_rates(llm, batches: list[int], prompt_len: int, new: int, vocab: int) -> dict:
+    """Greedy decode of `new` tokens after random prompt_len-token prompts, once per batch size B:
+    batch{B}_output_tok_per_s (wall time, prefill included) and batch{B}_decode_tok_per_s_per_seq (each sequence's
+    first token to its last, averaged). Warms up first with 1 and 4 prompts of that length: a 1 x prompt_len prefill
+    compiles other Triton tile configs than 4 x prompt_len, and a compile inside a timed run is what it would time."""
+    from mixr import SamplingParams
+    for n in (1, 4):
+        llm.generate(random_prompts(n, prompt_len, vocab, seed=99), SamplingParams(temperature=0, max_tokens=16))
+    greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    out = {}
+    for B in batches:
+        ps = random_prompts(B, prompt_len, vocab, seed=1000 + B)
+        sync()
+        t = time.perf_counter()
+        res = llm.generate(ps, greedy)
+        dt = time.perf_counter() - t
+        assert all(len(r.token_ids) == new for r in res)
+        out[f"batch{B}_output_tok_per_s"] = B * new / dt
+        out[f"batch{B}_decode_tok_per_s_per_seq"] = statistics.mean(
+            (new - 1) / (r.metrics.finish_time - r.metrics.first_token_time) for r in res)
+    return out
 
 
 def pct(xs: list[float]) -> dict:
@@ -196,21 +222,7 @@ def bench_mixr(path: Path, vocab: int, prompt_len: int, new: int, offline_n: int
            "kv_bytes_per_token": llm.engine.runner.kv_bytes_per_token,
            "graph_batch_sizes": sorted(llm.engine.runner.graphs),
            "max_num_seqs": 512}
-    greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    # warm-up: every batch shape below compiles its Triton kernels here, not inside a timed run (a 1 x prompt_len
-    # prefill takes other tile configs than 4 x prompt_len)
-    for n in (1, 4):
-        llm.generate(random_prompts(n, prompt_len, vocab, seed=99), SamplingParams(temperature=0, max_tokens=16))
-    for B in (1, 32, 256):
-        ps = random_prompts(B, prompt_len, vocab, seed=1000 + B)
-        sync()
-        t = time.perf_counter()
-        res = llm.generate(ps, greedy)
-        dt = time.perf_counter() - t
-        assert all(len(r.token_ids) == new for r in res)
-        decode = [(new - 1) / (r.metrics.finish_time - r.metrics.first_token_time) for r in res]
-        out[f"batch{B}_output_tok_per_s"] = B * new / dt
-        out[f"batch{B}_decode_tok_per_s_per_seq"] = statistics.mean(decode)
+    out |= decode_rates(llm, [1, 32, 256], prompt_len, new, vocab)
     # prefill: fresh prompts so the prefix cache cannot help
     for i in range(2):
         p = random_prompts(1, 2048, vocab, seed=2000 + i)[0]
@@ -237,7 +249,7 @@ def bench_mixr(path: Path, vocab: int, prompt_len: int, new: int, offline_n: int
     ps = random_prompts(offline_n, prompt_len, vocab, seed=4000)
     sync()
     t = time.perf_counter()
-    res = llm.generate(ps, greedy)
+    res = llm.generate(ps, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
     dt = time.perf_counter() - t
     out["offline"] = {"requests": offline_n, "prompt_len": prompt_len, "output_len": new, "seconds": dt,
                       "output_tok_per_s": offline_n * new / dt,

@@ -13,18 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from bench_engine import SHAPES, make_checkpoint  # bench/ is on sys.path when this file runs as a script
+# bench/ is on sys.path when this file runs as a script
+from bench_engine import SHAPES, decode_rates, make_checkpoint, random_prompts
 from report import emit, save
 
 CONFIGS = {"tp1": (1, "tp"), "tp2": (2, "tp"), "ep2": (2, "ep"), "tp4": (4, "tp"), "ep4": (4, "ep"),
            "tp8": (8, "tp"), "ep8": (8, "ep")}
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    """bench_engine's prompts (ids clear of the special tokens at either end), for small vocabularies too."""
-    g = torch.Generator().manual_seed(seed)
-    margin = min(1000, vocab // 4)
-    return torch.randint(margin, vocab - margin, (n, length), generator=g).tolist()
 
 
 def bench_config(path: Path, size: int, experts: str, batches: list[int], prompt_len: int, new: int, vocab: int,
@@ -35,17 +29,7 @@ def bench_config(path: Path, size: int, experts: str, batches: list[int], prompt
               max_num_batched_tokens=max(8192, max(batches)), tensor_parallel_size=size, parallel_experts=experts)
     out = {"tensor_parallel_size": size, "experts": experts, "cold_start_seconds": time.perf_counter() - t,
            "kv_blocks": llm.engine.runner.num_blocks, "graph_batch_sizes": sorted(llm.engine.runner.graphs)}
-    greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    llm.generate(random_prompts(4, prompt_len, vocab, seed=99), SamplingParams(temperature=0, max_tokens=16))
-    for B in batches:
-        ps = random_prompts(B, prompt_len, vocab, seed=1000 + B)
-        t = time.perf_counter()
-        res = llm.generate(ps, greedy)
-        dt = time.perf_counter() - t
-        assert all(len(r.token_ids) == new for r in res)
-        decode = [(new - 1) / (r.metrics.finish_time - r.metrics.first_token_time) for r in res]
-        out[f"batch{B}_output_tok_per_s"] = B * new / dt
-        out[f"batch{B}_decode_tok_per_s_per_seq"] = sum(decode) / len(decode)
+    out |= decode_rates(llm, batches, prompt_len, new, vocab)
     tokens = [r.token_ids for r in llm.generate(random_prompts(8, 32, vocab, seed=5000),
                                                 SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))]
     if device == "cuda":

@@ -272,7 +272,7 @@ def check_kernels() -> dict:
 
 def gpu(args) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_engine import SHAPES, ceilings, make_checkpoint, random_prompts
+    from bench_engine import SHAPES, ceilings, decode_rates, make_checkpoint, random_prompts
 
     from mixr import LLM, SamplingParams
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": "v2-lite (random)"}
@@ -318,17 +318,7 @@ def gpu(args) -> dict:
         else:
             r |= logit_metrics(ref["logp"], logits) | greedy_agreement(ref["gens"], gens)
         del logits
-        greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-        llm.generate(random_prompts(2, 128, vocab, seed=99), SamplingParams(temperature=0, max_tokens=8))  # warm-up
-        for B in (1, 32):
-            ps = random_prompts(B, 128, vocab, seed=1000 + B)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            res = llm.generate(ps, greedy)
-            dt = time.perf_counter() - t
-            r[f"batch{B}_output_tok_per_s"] = B * new / dt
-            r[f"batch{B}_decode_tok_per_s_per_seq"] = statistics.mean(
-                (new - 1) / (o.metrics.finish_time - o.metrics.first_token_time) for o in res)
+        r |= decode_rates(llm, [1, 32], 128, new, vocab)
         r["peak_gpu_memory_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
         # what share of the card's copy bandwidth batch-1 decode uses reading the weights a token needs
         r["batch1_fraction_of_weight_read_roofline"] = (r["batch1_decode_tok_per_s_per_seq"]

@@ -112,10 +112,8 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, si
             _absorb_bmm(ax, aw, aout)
             absorb = None
     if not fast:
-        if out_slots is not None:  # compute the rows, then scatter them
-            if norm is not None:
-                nout.index_copy_(0, out_slots, rms_norm_ref(nx, nw, eps).reshape(-1, nx.shape[2]))
-            k_out.index_copy_(0, out_slots, rope_ref(k, cos, sin, interleaved).reshape(-1, *k.shape[2:]))
+        if out_slots is not None:
+            _scatter_rows_ref(k, cos, sin, interleaved, k_out, norm, out_slots)
             return rope_ref(q, cos, sin, interleaved, q_out), k_out
         if norm is not None:
             rms_norm_ref(nx, nw, eps, nout)
@@ -128,6 +126,15 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, si
     _launch_rope(q, k, cos, sin, interleaved, q_out, k_out,
                  None if norm is None else (norm_rows[0], nw, eps, norm_rows[1]), out_slots, absorb)
     return q_out, k_out
+
+
+def _scatter_rows_ref(k, cos, sin, interleaved, k_out, norm, out_slots) -> None:
+    """out_slots in plain PyTorch: rotate k (and norm norm's input), then copy token t's rows to row out_slots[t] of
+    k_out (rows, Hk, D) (and of norm's out (rows, N)); norm's input may be (B, L, N) or (B*L, N)."""
+    k_out.index_copy_(0, out_slots, rope_ref(k, cos, sin, interleaved).reshape(-1, *k.shape[2:]))
+    if norm is not None:
+        nx, nw, eps, nout = norm
+        nout.index_copy_(0, out_slots, rms_norm_ref(nx, nw, eps).reshape(-1, nx.shape[-1]))
 
 
 def _absorb_bmm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
@@ -248,10 +255,7 @@ def _launch_rope_ref(q, k, cos, sin, interleaved, q_out, k_out, norm=None, out_s
     if absorb is not None:
         _absorb_bmm(*absorb)
     if out_slots is not None:
-        k_out.index_copy_(0, out_slots, rope_ref(k, cos, sin, interleaved).reshape(-1, *k.shape[2:]))
-        if norm is not None:
-            nx, nw, eps, no = norm
-            no.index_copy_(0, out_slots, rms_norm_ref(nx, nw, eps))
+        _scatter_rows_ref(k, cos, sin, interleaved, k_out, norm, out_slots)
         return
     if k is not None:
         rope_ref(k, cos, sin, interleaved, k_out)
