@@ -46,6 +46,28 @@ SHAPES = {
         "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "hidden_act": "silu",
         "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
         "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16"},
+    # Qwen3-235B-A22B's published config.json (94 layers: 470 GB in bf16; bench_parallel cuts the depth)
+    "qwen3-235b-a22b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+        "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 94,
+        "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+        "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "rope_theta": 1000000.0, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
+        "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16"},
+    # DeepSeek-V3's published config.json without its quantization_config (weights in bf16: 1.3 TB at 61 layers)
+    "deepseek-v3": {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+        "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+        "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1, "kv_lora_rank": 512,
+        "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 8, "topk_group": 4,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rope_theta": 10000,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False,
+        "attention_bias": False, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16"},
 }
 
 
@@ -92,25 +114,33 @@ def cover_vocab(path: Path, vocab_size: int) -> None:
     f.write_text(json.dumps(tok))
 
 
-def make_checkpoint(shape: str, layers: int | None, path: Path) -> dict:
+def make_checkpoint(shape: str, layers: int | None, path: Path, dummy: bool = False) -> dict:
+    """A random-weight checkpoint of SHAPES[shape] (optionally cut to `layers`) with a small BPE tokenizer, or with
+    dummy=True config.json and the tokenizer only, for load_format="dummy" (shapes too large to write)."""
     hf = dict(SHAPES[shape])
     if layers:
         hf["num_hidden_layers"] = layers
     t = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)  # build straight in bf16: a float32 V2-Lite would not fit
-    try:
-        with torch.device("cuda"):
-            model = config_from_hf(hf).build()
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.init_weights(std=0.02)
-    save_model(model, path, max_shard_bytes=4 << 30)
+    if dummy:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in config_from_hf(hf).build().parameters())
+    else:
+        torch.set_default_dtype(torch.bfloat16)  # build straight in bf16: a float32 V2-Lite would not fit
+        try:
+            with torch.device("cuda"):
+                model = config_from_hf(hf).build()
+        finally:
+            torch.set_default_dtype(torch.float32)
+        model.init_weights(std=0.02)
+        save_model(model, path, max_shard_bytes=4 << 30)
+        n_params = sum(p.numel() for p in model.parameters())
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     build_tokenizer(path)
     cover_vocab(path, hf["vocab_size"])
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return {"config": hf, "params": n_params, "write_seconds": time.perf_counter() - t}
 
 
@@ -139,8 +169,8 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 def decode_rates(llm, batches: list[int], prompt_len: int, new: int, vocab: int) -> dict:
     """Greedy decode of `new` tokens after random prompt_len-token prompts, once per batch size B:
-    batch{B}_output_tok_per_s (wall time, prefill included) and batch{B}_decode_tok_per_s_per_seq (each sequence's
-    first token to its last, averaged). Warms up first with 1 and 4 prompts of that length: a 1 x prompt_len prefill
+    batch{B}_output_tok_per_s (wall time, prefill included), batch{B}_decode_tok_per_s_per_seq (each sequence's
+    first token to its last, averaged) and batch{B}_ttft_ms_median. Warms up first with 1 and 4 prompts of that length: a 1 x prompt_len prefill
     compiles other Triton tile configs than 4 x prompt_len, and a compile inside a timed run is what it would time."""
     from mixr import SamplingParams
     for n in (1, 4):
@@ -157,6 +187,7 @@ def decode_rates(llm, batches: list[int], prompt_len: int, new: int, vocab: int)
         out[f"batch{B}_output_tok_per_s"] = B * new / dt
         out[f"batch{B}_decode_tok_per_s_per_seq"] = statistics.mean(
             (new - 1) / (r.metrics.finish_time - r.metrics.first_token_time) for r in res)
+        out[f"batch{B}_ttft_ms_median"] = 1000 * statistics.median(r.metrics.time_to_first_token for r in res)
     return out
 
 
@@ -166,10 +197,13 @@ def pct(xs: list[float]) -> dict:
         {"mean": statistics.mean(xs) * 1e3}
 
 
-def bench_hf(path: Path, vocab: int, prompt_len: int, new: int, batches: list[int], agree_prompts) -> dict:
+def bench_hf(path: Path, vocab: int, prompt_len: int, new: int, batches: list[int], agree_prompts,
+             device_map: str = "cuda") -> dict:
+    """HF transformers' generate on the same checkpoint; device_map="auto" spreads the layers over every GPU
+    (accelerate's pipeline, what transformers users run a model too large for one GPU with)."""
     from transformers import AutoModelForCausalLM
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device_map).eval()
     out = {"load_seconds": time.perf_counter() - t}
     try:
         model.set_experts_implementation("grouped_mm")

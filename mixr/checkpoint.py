@@ -15,6 +15,7 @@ Quantized checkpoints (config.json `quantization_config`):
 
 import json
 import re
+import zlib
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from mixr.layers.moe import Experts
 from mixr.models import config_from_hf
 from mixr.models.base import CausalLM
+from mixr.parallel import shard_model, shard_of
 from mixr.quant.fp8 import dequantize_fp8
 from mixr.quant.modules import Fp8Linear
 from mixr.quant.quantize import auto_group_size, empty_quant_module, quantize_model, replace_module
@@ -43,6 +45,7 @@ _EXPERT_SLOT = {"gate_proj": ("gate_up_proj", 0), "w1": ("gate_up_proj", 0), "up
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
 QUANTIZATIONS = ("int8", "int4", "fp8")
+LOAD_FORMATS = ("safetensors", "dummy")
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -175,6 +178,35 @@ def _load_dtype(target: str, ref: torch.Tensor, dtype: torch.dtype) -> torch.dty
     return dtype
 
 
+def _half(t: torch.Tensor, half: int | None) -> torch.Tensor:
+    """One expert's slot for a gate (0) or up (1) tensor in its gate_up_proj rows, or the whole of down_proj."""
+    if half is None:
+        return t
+    rows = t.shape[0] // 2
+    return t[half * rows:(half + 1) * rows]
+
+
+@torch.no_grad()
+def _dummy_weights(model: CausalLM, full: dict, expected: dict, shard: tuple | None, device, dtype) -> None:
+    """load_format="dummy": norms 1, biases 0, the rest N(0, 0.02) drawn whole on `device` from a generator seeded
+    by the tensor's name, then cut to this rank's shard."""
+    for name, ref in expected.items():
+        if not ref.is_meta:  # non-persistent buffers, made at build time
+            continue
+        want = _load_dtype(name, ref, dtype)
+        shape = full[name].shape
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, device=device, dtype=want)
+        elif name.endswith("bias"):  # and DeepSeek-V3's e_score_correction_bias
+            t = torch.zeros(shape, device=device, dtype=want)
+        else:
+            g = torch.Generator(device).manual_seed(zlib.crc32(name.encode()))
+            t = torch.empty(shape, device=device, dtype=want).normal_(0.0, 0.02, generator=g)
+        if shard is not None:
+            t = shard_of(name, t, ref.shape, shard[0], shard[1]).contiguous()
+        _set(model, name, t)
+
+
 def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -186,18 +218,31 @@ def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, progress: bool = True,
-               quantization: str | None = None) -> CausalLM:
+               quantization: str | None = None, shard: tuple[int, int, str] | None = None,
+               load_format: str = "safetensors") -> CausalLM:
     """Build the model for config.json on the meta device and load its safetensors weights onto `device`.
 
     quantization: None loads the checkpoint as stored (a `mixr quantize` directory into its quantized modules;
     an FP8 checkpoint dequantized to `dtype`). "int8" / "int4" quantize a full-precision checkpoint on load
     (round-to-nearest; int4 symmetric with the largest group size of 128/64/32 that fits every layer).
-    "fp8" keeps an FP8 checkpoint's weights in FP8 (Fp8Linear; routed experts are still dequantized)."""
+    "fp8" keeps an FP8 checkpoint's weights in FP8 (Fp8Linear; routed experts are still dequantized).
+
+    shard: (rank, world_size, experts) loads only that rank's tensor-parallel shard (mixr.parallel.shard_model,
+    applied to the meta-device model; each tensor is cut with shard_of as it is read), so no process ever holds
+    the whole model. load_format "dummy" (vLLM's name) reads config.json only and makes random weights as
+    CausalLM.init_weights does, each from a generator seeded by its name and then cut to the shard: every rank
+    and every world_size holds the same model. It is for benchmarks of shapes whose checkpoint is too large to
+    write."""
     model_dir = Path(model_dir)
     hf = read_config(model_dir)
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"unsupported quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unsupported load_format {load_format!r}; use one of {', '.join(LOAD_FORMATS)}")
     qc = quantization_config(hf, model_dir)
+    if load_format == "dummy" and qc is not None:
+        raise CheckpointError(f"load_format='dummy' makes full-precision weights; {model_dir / 'config.json'} "
+                              "has a quantization_config")
     method = qc["quant_method"] if qc else None
     if quantization in ("int8", "int4") and qc is not None:
         raise CheckpointError(f"{model_dir} is already quantized (quantization_config.quant_method {method!r}); "
@@ -212,13 +257,20 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     dtype = resolve_dtype(dtype, hf)
     with torch.device("meta"):
         model = config.build()
-    files = _shards(model_dir)
+    files = _shards(model_dir) if load_format == "safetensors" else {}
     fp8_block = tuple(qc.get("weight_block_size", (128, 128))) if method == "fp8" else None
     if qc is not None:
         _swap_quantized_modules(model, files, qc, quantization == "fp8", dtype)
     if method == "fp8" and quantization != "fp8":  # dequantized: what is loaded is a plain checkpoint
         config.hf = {k: v for k, v in hf.items() if k != "quantization_config"}
+    full = dict(model.named_parameters()) | dict(model.named_buffers())
+    if shard is not None:
+        rank, world_size, experts = shard
+        shard_model(model, rank, world_size, experts)  # on the meta device: only the shapes change
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    dropped = full.keys() - expected.keys()  # row-parallel biases, which rank 0 alone adds
+    if load_format == "dummy":
+        _dummy_weights(model, full, expected, shard, device, dtype)
     handles: dict[Path, object] = {}
     stacked: dict[str, torch.Tensor] = {}
     filled: dict[str, set] = {}
@@ -245,7 +297,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                 continue
             target, expert, half = _target(name, config.model_type)
             if target not in expected:
-                if not name.endswith(".weight_scale_inv"):  # else read with its weight, dequantized below
+                if not name.endswith(".weight_scale_inv") and target not in dropped:  # scales: read with weights
                     unexpected.append(name)
                 continue
             tensor = read(name, path)
@@ -262,22 +314,28 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                     raise CheckpointError(f"{scale_name}: {e}") from None
             want_dtype = _load_dtype(target, ref, dtype)
             if expert is None:
-                if tuple(tensor.shape) != tuple(ref.shape):
+                if tuple(tensor.shape) != tuple(full[target].shape):
                     raise CheckpointError(f"{name} in {path.name} has shape {tuple(tensor.shape)}, "
-                                          f"the config implies {tuple(ref.shape)}")
+                                          f"the config implies {tuple(full[target].shape)}")
+                if shard is not None:
+                    tensor = shard_of(target, tensor, ref.shape, rank, world_size)
                 _set(model, target, tensor.to(device=device, dtype=want_dtype))
                 loaded.add(target)
+                continue
+            whole = _half(full[target][0], half)
+            if tuple(tensor.shape) != tuple(whole.shape):
+                raise CheckpointError(f"{name} in {path.name} has shape {tuple(tensor.shape)}, "
+                                      f"the config implies {tuple(whole.shape)}")
+            # expert parallel: this rank's experts are [first, first + E_local)
+            expert -= getattr(model.get_submodule(target.rpartition(".")[0]), "first", 0)
+            if not 0 <= expert < ref.shape[0]:
                 continue
             if target not in stacked:
                 stacked[target] = torch.empty(ref.shape, device=device, dtype=dtype)
                 filled[target] = set()
-            dest = stacked[target][expert]
-            if half is not None:
-                rows = dest.shape[0] // 2
-                dest = dest[half * rows:(half + 1) * rows]
-            if tuple(tensor.shape) != tuple(dest.shape):
-                raise CheckpointError(f"{name} in {path.name} has shape {tuple(tensor.shape)}, "
-                                      f"the config implies {tuple(dest.shape)}")
+            dest = _half(stacked[target][expert], half)
+            if shard is not None:
+                tensor = shard_of(name, tensor, dest.shape, rank, world_size)
             dest.copy_(tensor)
             filled[target].add((expert, half))
     bar.close()

@@ -16,14 +16,16 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16, float32")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (peft format), merged on load")
-    _parallel_args(p)
+    _engine_args(p)
 
 
-def _parallel_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="processes (GPUs cuda:0..N-1) the model is sharded over")
     p.add_argument("--parallel-experts", default="tp", choices=["tp", "ep"],
                    help="with N > 1, routed experts split by intermediate dim (tp) or as whole experts (ep)")
+    p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
+                   help="dummy: random weights of config.json's shape, no checkpoint read (benchmarks)")
 
 
 def _params(args):
@@ -36,7 +38,8 @@ def _load(model_dir, args):
     from mixr.llm import LLM
     from mixr.tiny import default_model_dir
     return LLM(model_dir or default_model_dir(), device=None, dtype=None, adapter=args.adapter,
-               tensor_parallel_size=args.tensor_parallel_size, parallel_experts=args.parallel_experts)
+               tensor_parallel_size=args.tensor_parallel_size, parallel_experts=args.parallel_experts,
+               load_format=args.load_format)
 
 
 def cmd_generate(args) -> None:
@@ -135,7 +138,8 @@ def cmd_serve(args) -> None:
     model_dir = Path(args.model) if args.model else default_model_dir()
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           gpu_memory_utilization=args.gpu_memory_utilization, adapter=args.adapter,
-                          tensor_parallel_size=args.tensor_parallel_size, parallel_experts=args.parallel_experts)
+                          tensor_parallel_size=args.tensor_parallel_size, parallel_experts=args.parallel_experts,
+               load_format=args.load_format)
     engine = LLMEngine(model_dir, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                        config=config)
     name = args.served_model_name or model_dir.resolve().name
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     s.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (peft format), merged on load")
-    _parallel_args(s)
+    _engine_args(s)
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM before they are aborted")
     s.add_argument("--safety-config", default=None, metavar="FILE",

@@ -14,8 +14,8 @@ import torch
 from conftest import FAMILIES, make_hf_checkpoint, start_mixr_serve
 
 from mixr import LLM, SamplingParams, load_model
-from mixr.engine.distributed import WorkerError, shard_of
-from mixr.parallel import shard_model
+from mixr.engine.distributed import WorkerError
+from mixr.parallel import shard_model, shard_of
 
 PREFIX = list(range(30, 62))  # two full blocks: the second call's prompts find them in the prefix cache
 PROMPTS = [[5, 7, 9, 11], [100, 3, 44, 12, 99, 18, 7], PREFIX + [1, 2, 3], list(range(200, 250))]
@@ -60,18 +60,53 @@ def test_tp_and_ep_engines_match_one_process(name, checkpoint):
         assert_no_workers()
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3_noaux_tc", "qwen2_moe", "mixtral"])
-def test_shard_of_cuts_what_shard_model_cuts(name, checkpoint):
-    """update_weights' slicing of a full tensor, against shard_model's own shards (no process group needed)."""
+@pytest.mark.parametrize("name", ["deepseek_v3_noaux_tc", "qwen2_moe", "mixtral", "qwen2_tied"])
+def test_sharded_load_cuts_what_shard_model_cuts(name, checkpoint):
+    """Each rank's load (load_model's shard=, which reads only its part of each tensor) and update_weights' slicing
+    of a full tensor (shard_of), against shard_model's shards of the whole model (no process group needed)."""
     path = checkpoint(name)
     full = load_model(path, dtype=torch.float32, progress=False).state_dict()
     for experts in ("tp", "ep"):
         for rank in (0, 1):
             model = shard_model(load_model(path, dtype=torch.float32, progress=False), rank, 2, experts=experts)
+            loaded = load_model(path, dtype=torch.float32, progress=False, shard=(rank, 2, experts))
+            assert loaded.parallel == (rank, 2, experts) and loaded.config == model.config
+            state = loaded.state_dict()
+            assert state.keys() == model.state_dict().keys()  # rank 1 has no row-parallel biases
             for key, shard in model.state_dict().items():
+                assert torch.equal(state[key], shard), (experts, rank, key)
                 assert torch.equal(shard_of(key, full[key], shard.shape, rank, 2), shard), (experts, rank, key)
+            if model.config.tie_word_embeddings:
+                assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with pytest.raises(ValueError, match="not the whole of this rank's shard"):
         shard_of("lm_head.weight", torch.zeros(7, 64), torch.Size([256, 64]), 0, 2)
+
+
+def test_dummy_weights_are_one_model_at_every_world_size(checkpoint):
+    """load_format="dummy": no safetensors read; each rank's shard is shard_model's cut of the whole dummy model,
+    so TP=2 and EP=2 engines give TP=1's greedy tokens."""
+    path = checkpoint("deepseek_v3_noaux_tc")
+    whole = load_model(path, dtype=torch.float32, progress=False, load_format="dummy")
+    state = whole.state_dict()
+    again = load_model(path, dtype=torch.float32, progress=False, load_format="dummy").state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in state)  # seeded by name: the same model every time
+    real = load_model(path, dtype=torch.float32, progress=False).state_dict()
+    assert state.keys() == real.keys() and all(state[k].shape == real[k].shape for k in state)
+    assert torch.equal(state["model.norm.weight"], torch.ones_like(state["model.norm.weight"]))
+    w = state["model.layers.1.mlp.experts.gate_up_proj"]
+    assert abs(w.std().item() - 0.02) < 0.002 and not torch.equal(w[0], w[1])
+    for rank in (0, 1):
+        model = shard_model(load_model(path, dtype=torch.float32, progress=False, load_format="dummy"), rank, 2, "tp")
+        loaded = load_model(path, dtype=torch.float32, progress=False, shard=(rank, 2, "tp"), load_format="dummy")
+        for key, shard in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], shard), (rank, key)
+    expected = generate(LLM(path, load_format="dummy", **CONFIG))
+    assert expected != generate(LLM(path, **CONFIG))
+    for experts in ("tp", "ep"):
+        with LLM(path, tensor_parallel_size=2, parallel_experts=experts, load_format="dummy", **CONFIG) as llm:
+            assert generate(llm) == expected, experts
+    with pytest.raises(ValueError, match="unsupported load_format 'npz'"):
+        load_model(path, load_format="npz")
 
 
 def test_update_weights_abort_and_close(checkpoint, tmp_path):
@@ -142,3 +177,62 @@ def test_mixr_serve_tensor_parallel_exits_when_a_worker_dies(checkpoint, tmp_pat
     text = log.read()
     assert f"mixr: error: tensor-parallel worker 1 (pid {worker}) was killed by SIGKILL" in text, text
     assert "Traceback" not in text, text
+
+
+def _one_shot_rank(rank: int, port: int) -> None:
+    from datetime import timedelta
+
+    from mixr.engine.distributed import NCCL_ENV
+    from mixr.parallel import Comm
+    os.environ.update(NCCL_ENV)
+    torch.cuda.set_device(rank)
+    torch.distributed.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=timedelta(seconds=120), device_id=torch.device("cuda", rank))
+    comm = Comm(rank, 2)
+    assert comm.enable_one_shot(torch.device("cuda", rank), torch.bfloat16) is None
+    for rows, hidden in ((1, 64), (8, 2048), (600, 2048)):  # the last is past the 1 MiB buffer: NCCL
+        parts = [torch.randn(rows, hidden, generator=torch.Generator().manual_seed(10 * r + rows)) for r in (0, 1)]
+        expected = (parts[0] + parts[1]).to(torch.bfloat16).float()
+        x = parts[rank].to("cuda", torch.bfloat16)
+        got = comm.all_reduce(x.clone())
+        torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2)
+        static = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = comm.all_reduce(static)
+        static.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, got), (rows, hidden)
+        del graph
+    torch.cuda.synchronize()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_one_shot_all_reduce_on_two_gpus():
+    """The symmetric-memory all-reduce (eager and inside a CUDA graph) against the sum on the host; a tensor past
+    its buffer goes through NCCL."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_one_shot_rank, args=(port,), nprocs=2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp_engine_on_two_gpus(checkpoint):
+    """bf16 on 2 GPUs with CUDA graphs: the one-shot all-reduce gives NCCL's greedy tokens, and both start as the
+    1-GPU engine does."""
+    path = checkpoint("deepseek_v3_noaux_tc")
+    config = dict(device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=256)
+    with LLM(path, **config) as llm:
+        single = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    runs = {}
+    for one_shot in (True, False):
+        with LLM(path, tensor_parallel_size=2, custom_all_reduce=one_shot, **config) as llm:
+            assert llm.engine.runner.graphs and (llm.model.lm_head.comm.one_shot is not None) == one_shot
+            runs[one_shot] = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        assert_no_workers()
+    assert runs[False] == runs[True]
+    assert [t[0] for t in runs[False]] == [t[0] for t in single]

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
@@ -47,7 +48,7 @@ from mixr.checkpoint import load_model
 from mixr.engine.model_runner import ModelRunner
 from mixr.layers.moe import set_dynamic_experts
 from mixr.models.base import CausalLM
-from mixr.parallel import shard_model
+from mixr.parallel import shard_model, shard_of
 
 HOST = "127.0.0.1"
 # A collective or a reply that waits this long fails: it bounds a peer that hangs without dying (one that dies is
@@ -62,14 +63,28 @@ class WorkerError(RuntimeError):
 
 
 def load_shard(model_dir: str | Path, device: torch.device, dtype, config, rank: int) -> CausalLM:
-    """Rank `rank`'s shard of a checkpoint, on `device`: loaded whole into CPU memory (one GPU may not hold the
-    whole model), the adapter merged, sharded, then moved."""
-    model = load_model(model_dir, device="cpu", dtype=dtype, progress=rank == 0)
+    """Rank `rank`'s shard of a checkpoint, on `device`. Each rank reads only its own part of every tensor
+    (load_model's shard=), except with an adapter: that is merged into the whole weights, so the model is loaded
+    whole into CPU memory, merged, sharded, then moved."""
+    W, experts = config.tensor_parallel_size, config.parallel_experts
     if config.adapter:
         from mixr.train.lora import load_adapter, merge_lora
+        model = load_model(model_dir, device="cpu", dtype=dtype, progress=rank == 0)
         merge_lora(load_adapter(model, config.adapter))
-    shard_model(model, rank, config.tensor_parallel_size, experts=config.parallel_experts)
-    model = model.to(device).eval()
+        model = shard_model(model, rank, W, experts=experts).to(device)
+    else:
+        model = load_model(model_dir, device=device, dtype=dtype, progress=rank == 0, shard=(rank, W, experts),
+                           load_format=config.load_format)
+    model.eval()
+    if device.type == "cuda" and config.custom_all_reduce:  # before the graphs capture all-reduces
+        comm = model.lm_head.comm
+        why = comm.enable_one_shot(device, model.lm_head.weight.dtype)
+        ok = torch.tensor([why is None], dtype=torch.int32, device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank takes the same path, or a collective would hang
+        if not ok.item():
+            comm.one_shot = None
+            if rank == 0:
+                warnings.warn(f"one-shot all-reduce unavailable, NCCL for every all-reduce: {why or 'another rank'}")
     if config.moe_dynamic:  # before the runner captures its CUDA graphs
         set_dynamic_experts(model, config.moe_dynamic, config.moe_top_p, config.moe_entropy_scale,
                             config.moe_k_min, config.moe_k_max)
@@ -90,30 +105,6 @@ def make_runner(model: CausalLM, config, max_model_len: int) -> ModelRunner:
                        kv_cache_dtype=config.kv_cache_dtype, min_over_ranks=min_over_ranks)
 
 
-def shard_of(name: str, full: torch.Tensor, shape: torch.Size, rank: int, world_size: int) -> torch.Tensor:
-    """Rank `rank`'s part of the full tensor `name` whose shard has `shape`, cut as mixr.parallel.shard_model cuts
-    it: the whole tensor where the shapes agree (replicated tensors; rank 0's row-parallel biases); else the one
-    axis that differs in world_size slices of ceil(size / world_size) (the vocabulary's last one padded with
-    zeros), except a TP-split expert's gate_up_proj (E, 2I, H), whose shard is the same slice of the gate half and
-    of the up half."""
-    if full.shape == shape:
-        return full
-    axes = [d for d, (a, b) in enumerate(zip(full.shape, shape)) if a != b]
-    if full.dim() != len(shape) or len(axes) != 1 or -(-full.shape[axes[0]] // world_size) != shape[axes[0]]:
-        raise ValueError(f"update_weights: {name} has shape {tuple(full.shape)}, which is not the whole of this "
-                         f"rank's shard {tuple(shape)} (world_size {world_size})")
-    d, n = axes[0], shape[axes[0]]
-    if name.endswith("gate_up_proj") and d == 1:
-        h, I = n // 2, full.shape[1] // 2
-        return torch.cat((full[:, rank * h:(rank + 1) * h], full[:, I + rank * h:I + (rank + 1) * h]), dim=1)
-    part = full.narrow(d, rank * n, max(0, min(n, full.shape[d] - rank * n)))
-    if part.shape[d] < n:
-        pad = list(full.shape)
-        pad[d] = n - part.shape[d]
-        part = torch.cat((part, full.new_zeros(pad)), dim=d)
-    return part
-
-
 class _State:
     """What rank 0's watcher thread shares with Workers (never Workers itself, which must stay collectable)."""
 
@@ -124,6 +115,7 @@ class _State:
         self.closing = False
         self.replies: queue.SimpleQueue = queue.SimpleQueue()  # (rank, message) from the watcher
         self.group = None  # NCCL: the process group to abort on a failure
+        self.graphs: dict | None = None  # rank 0's CUDA graphs, dropped before the group is destroyed
         self.lock = threading.Lock()
 
     def fail(self, message: str, rank: int) -> None:
@@ -184,6 +176,7 @@ class Workers:
             self.model = load_shard(model_dir, self.device, dtype, config, 0)
             self.runner = make_runner(self.model, config, config.max_model_len or
                                       self.model.config.max_position_embeddings)
+            state.graphs = self.runner.graphs
             blocks = {rank: msg[0] for rank, msg in self._collect("ready").items()} | {0: self.runner.num_blocks}
             if len(set(blocks.values())) > 1:
                 raise WorkerError(f"the ranks' KV caches differ in size (blocks by rank: {blocks})")
@@ -270,7 +263,10 @@ class Workers:
         for name, value in items:
             if name not in own:
                 raise ValueError(f"update_weights: the model has no tensor {name!r}")
-            shard_of(name, value.to("meta"), own[name].shape, 0, W)  # ValueError: no shard of this shape
+            try:
+                shard_of(name, value.to("meta"), own[name].shape, 0, W)
+            except ValueError as e:
+                raise ValueError(f"update_weights: {e}") from None
         self.send(("update", [(name, tuple(value.shape), own[name].dtype) for name, value in items]))
         with self.step():
             for name, value in items:
@@ -427,6 +423,11 @@ def _shutdown(procs: list, cmds: list, state: _State) -> None:
         with contextlib.suppress(OSError):
             c.send_bytes(stop)
         c.close()
+    if state.graphs:
+        # a CUDA graph holding NCCL kernels makes destroy_process_group hang in ncclCommDestroy (pytorch#115388)
+        state.graphs.clear()
+        if state.error is None:  # after a failure, a kernel may still wait on a dead peer
+            torch.cuda.synchronize()
     if dist.is_initialized():
         with contextlib.suppress(Exception):  # a worker blocked in a collective with rank 0 now fails and exits
             dist.destroy_process_group()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mixr.checkpoint import load_model, resolve_dtype
+from mixr.checkpoint import LOAD_FORMATS, load_model, resolve_dtype
 from mixr.engine.distributed import ParallelRunner, Workers
 from mixr.engine.model_runner import ModelRunner
 from mixr.engine.scheduler import Scheduler, SchedulerConfig
@@ -59,10 +59,16 @@ class EngineConfig:
     # experts per rank)
     tensor_parallel_size: int = 1
     parallel_experts: str = "tp"
+    # on GPUs, all-reduces of up to 1 MiB (decode steps) as one symmetric-memory kernel (mixr.parallel.Comm) instead
+    # of NCCL. Opt-in: it has not yet run on a multi-GPU host (tests/test_tp_engine.py has its GPU tests)
+    custom_all_reduce: bool = False
     # queue each decode step on the device before reading the previous step's tokens, so the device never waits
     # for the host's scheduling, detokenizing and input building (vLLM's async scheduling); None: on a GPU without
     # tensor parallelism. Same tokens either way; a sequence that ends by a stop token costs one wasted row.
     async_scheduling: bool | None = None
+    # "safetensors", or "dummy": random weights of the config's shape, no checkpoint read (mixr.checkpoint.load_model;
+    # vLLM's --load-format dummy), for benchmarks of models too large to write to disk
+    load_format: str = "safetensors"
 
     def __post_init__(self):
         if self.adapter and (self.quantization or self.expert_offload):
@@ -89,6 +95,10 @@ class EngineConfig:
             raise ValueError(f"parallel_experts must be 'tp' or 'ep', got {self.parallel_experts!r}")
         if self.tensor_parallel_size > 1 and self.async_scheduling:
             raise ValueError("async_scheduling does not combine with tensor_parallel_size > 1 yet")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"unsupported load_format {self.load_format!r}; use one of {', '.join(LOAD_FORMATS)}")
+        if self.load_format == "dummy" and (self.adapter or self.expert_offload):
+            raise ValueError("load_format='dummy' does not combine with an adapter or expert_offload")
         if self.tensor_parallel_size > 1 and (self.quantization or self.expert_offload):
             raise ValueError("tensor_parallel_size > 1 does not combine with quantization or expert_offload yet")
 
@@ -249,8 +259,8 @@ class LLMEngine:
             if config.expert_offload:
                 self.model = load_offloaded(model, self.device, dtype, config.gpu_expert_budget_gb).eval()
             else:
-                self.model = load_model(model, device=self.device, dtype=dtype,
-                                        quantization=config.quantization).eval()
+                self.model = load_model(model, device=self.device, dtype=dtype, quantization=config.quantization,
+                                        load_format=config.load_format).eval()
             if config.adapter:
                 from mixr.train.lora import load_adapter, merge_lora
                 merge_lora(load_adapter(self.model, config.adapter))
