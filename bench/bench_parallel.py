@@ -37,29 +37,13 @@ CONFIGS = {f"{e}{n}{s}": (n, e, bool(s)) for n in (2, 4, 8) for e in ("tp", "ep"
 CONFIGS["tp1"] = (1, "tp", False)
 
 
-def _graph_us(fn, reps: int = 50) -> float:
-    """Microseconds per fn() inside a CUDA graph of `reps` calls, as a decode step issues them."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    us = (time.perf_counter() - t) / (10 * reps) * 1e6
-    del graph  # before destroy_process_group, which hangs while a graph holds NCCL kernels (pytorch#115388)
-    torch.cuda.synchronize()
-    return us
-
-
 def _allreduce(rank: int, world_size: int, port: int, hidden: int, with_one_shot: bool, results) -> None:
+    from mixr.kernels.timing import graph_ms
     from mixr.parallel import Comm
+
+    def graph_us(fn) -> float:  # in a CUDA graph of 50 calls, as a decode step issues them
+        return 1000 * graph_ms([fn] * 50)
+
     os.environ.update(NCCL_ENV)
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -71,13 +55,13 @@ def _allreduce(rank: int, world_size: int, port: int, hidden: int, with_one_shot
     g = torch.Generator("cuda").manual_seed(rank)
     for rows in (1, 32, 256):
         x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
-        out[f"nccl_allreduce_{rows}x{hidden}_bf16_us_in_cuda_graph"] = _graph_us(lambda: nccl.all_reduce(x.clone()))
+        out[f"nccl_allreduce_{rows}x{hidden}_bf16_us_in_cuda_graph"] = graph_us(lambda: nccl.all_reduce(x.clone()))
         if why is None and rows * hidden * 2 <= one_shot.one_shot.numel() * 2:
             a, b = nccl.all_reduce(x.clone()), one_shot.all_reduce(x.clone())
             out[f"one_shot_{rows}x{hidden}_max_abs_diff_vs_nccl"] = (a.float() - b.float()).abs().max().item()
-            out[f"one_shot_allreduce_{rows}x{hidden}_bf16_us_in_cuda_graph"] = _graph_us(
+            out[f"one_shot_allreduce_{rows}x{hidden}_bf16_us_in_cuda_graph"] = graph_us(
                 lambda: one_shot.all_reduce(x.clone()))
-    out["clone_only_us_in_cuda_graph"] = _graph_us(lambda: x.clone())  # part of each figure above
+    out["clone_only_us_in_cuda_graph"] = graph_us(lambda: x.clone())  # part of each figure above
     big = torch.randn(64 << 20, device="cuda", dtype=torch.bfloat16)  # 128 MiB
     for _ in range(3):
         dist.all_reduce(big)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from mixr.layers.moe import Experts
 from mixr.models import config_from_hf
-from mixr.models.base import CausalLM
+from mixr.models.base import CausalLM, init_parameter_
 from mixr.parallel import shard_model, shard_of
 from mixr.quant.fp8 import dequantize_fp8
 from mixr.quant.modules import Fp8Linear
@@ -188,20 +188,18 @@ def _half(t: torch.Tensor, half: int | None) -> torch.Tensor:
 
 @torch.no_grad()
 def _dummy_weights(model: CausalLM, full: dict, expected: dict, shard: tuple | None, device, dtype) -> None:
-    """load_format="dummy": norms 1, biases 0, the rest N(0, 0.02) drawn whole on `device` from a generator seeded
-    by the tensor's name, then cut to this rank's shard."""
+    """load_format="dummy": each parameter as init_weights makes it (std 0.02), drawn whole on `device` from a
+    generator seeded by its name, then cut to this rank's shard; persistent buffers (DeepSeek-V3's
+    e_score_correction_bias) zero, as a fresh build makes them."""
+    params = dict(model.named_parameters())
     for name, ref in expected.items():
         if not ref.is_meta:  # non-persistent buffers, made at build time
             continue
-        want = _load_dtype(name, ref, dtype)
-        shape = full[name].shape
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape, device=device, dtype=want)
-        elif name.endswith("bias"):  # and DeepSeek-V3's e_score_correction_bias
-            t = torch.zeros(shape, device=device, dtype=want)
+        t = torch.empty(full[name].shape, device=device, dtype=_load_dtype(name, ref, dtype))
+        if name in params:
+            init_parameter_(name, t, 0.02, torch.Generator(device).manual_seed(zlib.crc32(name.encode())))
         else:
-            g = torch.Generator(device).manual_seed(zlib.crc32(name.encode()))
-            t = torch.empty(shape, device=device, dtype=want).normal_(0.0, 0.02, generator=g)
+            t.zero_()
         if shard is not None:
             t = shard_of(name, t, ref.shape, shard[0], shard[1]).contiguous()
         _set(model, name, t)

@@ -75,9 +75,14 @@ class CausalLM(nn.Module):
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random initialisation for models built from a config rather than loaded."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std, generator=generator)
+            init_parameter_(name, p, std, generator)
+
+
+def init_parameter_(name: str, p: torch.Tensor, std: float, generator: torch.Generator | None = None) -> None:
+    """One parameter of init_weights (and of load_format="dummy"): norms 1, biases 0, the rest N(0, std)."""
+    if name.endswith("norm.weight"):
+        p.fill_(1.0)
+    elif name.endswith(".bias"):
+        p.zero_()
+    else:
+        p.normal_(0.0, std, generator=generator)
