@@ -1,5 +1,5 @@
 """Multi-GPU benchmark of the tensor-parallel engine: one random-weight checkpoint (DeepSeek-V2-Lite's shape by
-default) served at 1 GPU, TP=2 and EP=2 (--configs) in one run, with batch-1 and batch-256 greedy decode (--batches)
+default) served at 1 GPU, TP=2, EP=2 and data-parallel attention with EP=2 (dp2) (--configs) in one run, with batch-1 and batch-256 greedy decode (--batches)
 and each configuration's greedy agreement with the first one. The same run measures the ceilings: one card's copy
 bandwidth and matmul rate, and NCCL's all-reduce between the GPUs (a decode row's hidden state inside a CUDA graph,
 as the engine issues it, and a large one's bus bandwidth); --hf adds HF transformers with device_map="auto" on the
@@ -32,9 +32,11 @@ from report import emit, save
 
 from mixr.engine.distributed import NCCL_ENV
 
-# name -> (GPUs, routed experts split by "tp" or "ep", custom_all_reduce); each runs in a process of its own
-CONFIGS = {f"{e}{n}{s}": (n, e, bool(s)) for n in (2, 4, 8) for e in ("tp", "ep") for s in ("", "-oneshot")}
-CONFIGS["tp1"] = (1, "tp", False)
+# name -> (GPUs, routed experts split by "tp" or "ep", attention "tp" or "dp", custom_all_reduce); each runs in a
+# process of its own. dpN: data-parallel attention with expert-parallel experts (parallel_attention="dp").
+CONFIGS = {f"{e}{n}{s}": (n, e, "tp", bool(s)) for n in (2, 4, 8) for e in ("tp", "ep") for s in ("", "-oneshot")}
+CONFIGS |= {f"dp{n}": (n, "ep", "dp", False) for n in (2, 4, 8)}
+CONFIGS["tp1"] = (1, "tp", "tp", False)
 
 
 def _allreduce(rank: int, world_size: int, port: int, hidden: int, with_one_shot: bool, results) -> None:
@@ -92,15 +94,17 @@ def allreduce_ceilings(world_size: int, hidden: int, with_one_shot: bool) -> dic
     return results.get()
 
 
-def bench_config(path: Path, size: int, experts: str, one_shot: bool, batches: list[int], prompt_len: int, new: int,
-                 vocab: int, device: str, dtype: str, load_format: str = "safetensors") -> tuple[dict, list[list[int]]]:
+def bench_config(path: Path, size: int, experts: str, attention: str, one_shot: bool, batches: list[int],
+                 prompt_len: int, new: int, vocab: int, device: str, dtype: str, load_format: str = "safetensors"
+                 ) -> tuple[dict, list[list[int]]]:
     from mixr import LLM, SamplingParams
     t = time.perf_counter()
     llm = LLM(path, device=device, dtype=dtype, max_model_len=4096, max_num_seqs=max(batches),
               max_num_batched_tokens=max(8192, max(batches)), tensor_parallel_size=size, parallel_experts=experts,
-              load_format=load_format, custom_all_reduce=one_shot)
+              parallel_attention=attention, load_format=load_format, custom_all_reduce=one_shot)
     comm = getattr(llm.model.lm_head, "comm", None)
-    out = {"tensor_parallel_size": size, "experts": experts, "cold_start_seconds": time.perf_counter() - t,
+    out = {"tensor_parallel_size": size, "experts": experts, "attention": attention,
+           "cold_start_seconds": time.perf_counter() - t,
            "small_all_reduce": None if comm is None else "nccl" if comm.one_shot is None else "one-shot",
            "kv_blocks": llm.engine.runner.num_blocks, "graph_batch_sizes": sorted(llm.engine.runner.graphs)}
     out |= decode_rates(llm, batches, prompt_len, new, vocab)
@@ -145,7 +149,7 @@ def main() -> None:
     ap.add_argument("--model", choices=list(SHAPES), default="v2-lite")
     ap.add_argument("--layers", type=int, default=None, help="cut the depth (disk or memory limits)")
     ap.add_argument("--dir", default="/tmp/mixr-bench-parallel-ckpt")
-    ap.add_argument("--configs", default="tp1,tp2,ep2", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default="tp1,tp2,ep2,dp2", help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--batches", default="1,256")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -168,8 +172,7 @@ def main() -> None:
         if args.smoke:
             from mixr.tokenizer import Tokenizer
             vocab = Tokenizer.from_dir(path).vocab_size
-        size, experts, one_shot = CONFIGS[args.run]
-        out, tokens = bench_config(path, size, experts, one_shot, batches, prompt_len, new, vocab, device, dtype,
+        out, tokens = bench_config(path, *CONFIGS[args.run], batches, prompt_len, new, vocab, device, dtype,
                                    "dummy" if args.dummy else "safetensors")
         Path(args.run_out).write_text(json.dumps({"result": out, "tokens": tokens}))
         return
@@ -191,7 +194,7 @@ def main() -> None:
         W = max(CONFIGS[n][0] for n in names)
         if W > 1:
             result["ceilings"] |= allreduce_ceilings(W, SHAPES[args.model]["hidden_size"],
-                                                     any(CONFIGS[n][2] for n in names))
+                                                     any(CONFIGS[n][3] for n in names))
         save(result, args.out)
     result["runs"] = {}
     first = None

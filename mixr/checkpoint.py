@@ -216,7 +216,7 @@ def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, progress: bool = True,
-               quantization: str | None = None, shard: tuple[int, int, str] | None = None,
+               quantization: str | None = None, shard: tuple | None = None,
                load_format: str = "safetensors") -> CausalLM:
     """Build the model for config.json on the meta device and load its safetensors weights onto `device`.
 
@@ -225,7 +225,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     (round-to-nearest; int4 symmetric with the largest group size of 128/64/32 that fits every layer).
     "fp8" keeps an FP8 checkpoint's weights in FP8 (Fp8Linear; routed experts are still dequantized).
 
-    shard: (rank, world_size, experts) loads only that rank's tensor-parallel shard (mixr.parallel.shard_model,
+    shard: (rank, world_size, experts[, attention]) loads only that rank's shard (mixr.parallel.shard_model,
     applied to the meta-device model; each tensor is cut with shard_of as it is read), so no process ever holds
     the whole model. load_format "dummy" (vLLM's name) reads config.json only and makes random weights as
     CausalLM.init_weights does, each from a generator seeded by its name and then cut to the shard: every rank
@@ -263,8 +263,9 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
         config.hf = {k: v for k, v in hf.items() if k != "quantization_config"}
     full = dict(model.named_parameters()) | dict(model.named_buffers())
     if shard is not None:
-        rank, world_size, experts = shard
-        shard_model(model, rank, world_size, experts)  # on the meta device: only the shapes change
+        rank, world_size, experts, *attention = shard
+        # on the meta device: only the shapes change
+        shard_model(model, rank, world_size, experts, attention=attention[0] if attention else "tp")
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     dropped = full.keys() - expected.keys()  # row-parallel biases, which rank 0 alone adds
     if load_format == "dummy":

@@ -24,6 +24,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="processes (GPUs cuda:0..N-1) the model is sharded over")
     p.add_argument("--parallel-experts", default="tp", choices=["tp", "ep"],
                    help="with N > 1, routed experts split by intermediate dim (tp) or as whole experts (ep)")
+    p.add_argument("--parallel-attention", default="tp", choices=["tp", "dp"],
+                   help="with N > 1, attention heads split (tp), or each rank the whole attention for sequences "
+                        "of its own (dp, data-parallel attention; needs --parallel-experts ep)")
     p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                    help="dummy: random weights of config.json's shape, no checkpoint read (benchmarks)")
 
@@ -39,7 +42,7 @@ def _load(model_dir, args):
     from mixr.tiny import default_model_dir
     return LLM(model_dir or default_model_dir(), device=None, dtype=None, adapter=args.adapter,
                tensor_parallel_size=args.tensor_parallel_size, parallel_experts=args.parallel_experts,
-               load_format=args.load_format)
+               parallel_attention=args.parallel_attention, load_format=args.load_format)
 
 
 def cmd_generate(args) -> None:
@@ -139,7 +142,7 @@ def cmd_serve(args) -> None:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                           gpu_memory_utilization=args.gpu_memory_utilization, adapter=args.adapter,
                           tensor_parallel_size=args.tensor_parallel_size, parallel_experts=args.parallel_experts,
-               load_format=args.load_format)
+                          parallel_attention=args.parallel_attention, load_format=args.load_format)
     engine = LLMEngine(model_dir, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                        config=config)
     name = args.served_model_name or model_dir.resolve().name

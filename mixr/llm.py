@@ -28,8 +28,8 @@ class LLM:
     gpu_memory_utilization, kv_cache_bytes, enable_prefix_caching, cuda_graphs, quantization, ...), e.g.
     moe_dynamic="top_p", moe_top_p=0.9 (a per-token number of routed experts) or expert_offload="cpu",
     gpu_expert_budget_gb=4 (routed experts beyond the budget in CPU memory), or tensor_parallel_size=N,
-    parallel_experts="ep" (N processes, one per GPU, mixr.engine.distributed; close() or `with LLM(...) as llm:`
-    stops them, as do garbage collection and interpreter exit).
+    parallel_experts="ep", parallel_attention="dp" (N processes, one per GPU, mixr.engine.distributed; close() or
+    `with LLM(...) as llm:` stops them, as do garbage collection and interpreter exit).
     """
 
     def __init__(self, model: str | Path | CausalLM, device: str | torch.device | None = None,

@@ -15,6 +15,13 @@
                 one all_reduce sums routed + shared
   lm_head       each rank its vocab slice of logits; all_gather along vocab, padding cut off
 
+`shard_model(..., attention="dp")` is data-parallel attention instead (SGLang's --enable-dp-attention; DeepSeek
+serves V3 this way): each rank runs the whole attention, dense MLPs, embedding and shared experts, replicated, for
+sequences of its own, with a KV cache of its own (MLA's latent cache is then not held W times, as under TP, where
+every rank stores the same latent for its heads). Only the routed experts are split, experts="ep", and tokens travel
+to their experts' ranks and back (`DispatchedExperts`); the LM head gathers every rank's last hidden rows to rank 0,
+which alone samples (`GatheredLMHead`). No collective is left in attention.
+
 Parameter names stay the checkpoint keys and every forward keeps its signature, so the KV cache and the engine
 see the usual modules: head counts stored in modules are the local ones, and `model.config` becomes a copy whose
 head counts are local too (cache_shapes() gives this rank's KV shapes; vocab_size stays global, since the
@@ -25,6 +32,7 @@ torch.no_grad or torch.inference_mode).
 """
 
 import dataclasses
+import math
 
 import torch
 import torch.distributed as dist
@@ -84,6 +92,28 @@ class Comm:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, ...) on every rank, n the same everywhere -> (world_size * n, ...), rank order."""
+        _check_no_grad(x)
+        out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
+        _ALL_GATHER(out, x.contiguous(), group=self.group)
+        return out
+
+    def reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(world_size * n, ...) on every rank -> this rank's n rows of the sum over ranks."""
+        _check_no_grad(x)
+        out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
+        _REDUCE_SCATTER(out, x.contiguous(), group=self.group)
+        return out
+
+    def all_to_all_rows(self, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        """Rows send[0] to rank 0, the next send[1] to rank 1, ...; returns the rows received, recv[r] from rank r,
+        in rank order."""
+        _check_no_grad(x)
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=self.group)
+        return out
+
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n) on every rank -> (..., world_size * n), rank order."""
         _check_no_grad(x)
@@ -95,6 +125,11 @@ class Comm:
     def reduce_hook(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
         """Forward hook: a module's partial sum (row-parallel output) -> the full output on every rank."""
         return self.all_reduce(out)
+
+
+# torch 2.13 renames these (the old names warn); 2.11 has only the old ones
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _check_no_grad(x: torch.Tensor) -> None:
@@ -147,6 +182,89 @@ class LocalExperts(Experts):
         return super().forward(x, local, weights, shared=shared)
 
 
+class DispatchedExperts(LocalExperts):
+    """Expert parallelism under data-parallel attention: rank r holds experts [first, first + E_local) and tokens of
+    its own, routed by its own copy of the router; each (token, expert) pair is computed on its expert's rank and
+    the weighted results come back to the token's rank.
+
+    Eager forwards (prefill, CPU) dispatch with all-to-all: a token travels once to each rank that holds one of its
+    experts, with those experts' ids and weights, and one row of summed results comes back (the row counts are
+    exchanged first: one host sync). Inside a CUDA graph (decode), whose shapes cannot depend on the routing, every
+    rank's rows are all-gathered instead, each rank runs its experts' pairs of all of them, and a reduce-scatter
+    returns each rank its rows' sums: that needs the same row count on every rank, which the runner's padding gives.
+    `dispatch` forces one way ("all_to_all", "all_gather") for tests; the results agree up to summation order.
+
+    The shared experts are not here: they run replicated, on each rank's own tokens, in MoE.forward."""
+
+    shared_operands = None  # MoE.forward then runs the shared expert itself, on this rank's tokens
+
+    def __init__(self, experts: Experts, first: int, count: int, comm: Comm, dispatch: str = "auto"):
+        super().__init__(experts, first, count)
+        self.comm, self.dispatch = comm, dispatch
+
+    def forward(self, x, ids, weights, shared=None):
+        if shared is not None:
+            raise ValueError("DispatchedExperts runs no shared expert")
+        gathered = self.dispatch == "all_gather" or (
+            self.dispatch == "auto" and x.is_cuda and torch.cuda.is_current_stream_capturing())
+        return self._gathered(x, ids, weights) if gathered else self._all_to_all(x, ids, weights)
+
+    def _gathered(self, x, ids, weights):
+        xs, all_ids, all_weights = _unpack(self.comm.all_gather_rows(_pack(x, ids, weights)), (x, ids, weights))
+        return self.comm.reduce_scatter_rows(super().forward(xs, all_ids, all_weights))
+
+    def _all_to_all(self, x, ids, weights):
+        W, n = self.comm.world_size, self.gate_up_proj.shape[0]
+        owner = torch.where(ids >= 0, ids // n, -1)  # (T, k): the rank of each pair's expert
+        to = (owner[..., None] == torch.arange(W, device=x.device)).any(1)  # (T, W): token t goes to rank r
+        dest, rows = to.t().nonzero(as_tuple=True)  # by destination rank, tokens in order within each
+        counts = to.sum(0)
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts, group=self.comm.group)
+        send, recv = counts.tolist(), recv.tolist()
+        mine = owner[rows] == dest[:, None]  # (S, k): the pairs each sent row runs on its destination
+        local = torch.where(mine, ids[rows] - dest[:, None] * n, -1).to(ids.dtype)
+        packed = _pack(x[rows], local, torch.where(mine, weights[rows], 0))
+        xr, ir, wr = _unpack(self.comm.all_to_all_rows(packed, send, recv), (x, ids, weights))
+        out = self.comm.all_to_all_rows(Experts.forward(self, xr, ir, wr), recv, send)  # (S, H), back home
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, out.float())
+        return y.to(x.dtype)
+
+
+def _pack(*tensors: torch.Tensor) -> torch.Tensor:
+    """Tensors of T rows each, any dtypes -> (T, bytes) uint8: one collective for all of them."""
+    return torch.cat([t.contiguous().view(torch.uint8).reshape(t.shape[0], _row_bytes(t)) for t in tensors], dim=1)
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    return math.prod(t.shape[1:]) * t.element_size()
+
+
+def _unpack(packed: torch.Tensor, like: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """_pack's inverse for tensors of `like`'s dtypes and row shapes, packed.shape[0] rows each."""
+    out, at = [], 0
+    for t in like:
+        width = _row_bytes(t)
+        out.append(packed[:, at:at + width].reshape(-1).view(t.dtype).view(packed.shape[0], *t.shape[1:]))
+        at += width
+    return out
+
+
+class GatheredLMHead(nn.Module):
+    """Data-parallel attention's LM head: every rank's rows of last hidden states gathered (the same row count on
+    every rank: the runner pads), and rank 0, which alone samples, computes the logits of all of them in rank order;
+    the other ranks return (world_size * n, 0)."""
+
+    def __init__(self, weight: torch.Tensor, comm: Comm):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.comm.all_gather_rows(x.reshape(-1, x.shape[-1]))
+        return F.linear(rows, self.weight) if self.comm.rank == 0 else rows[:, :0]
+
+
 def _param(old: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
     # clone: a contiguous tensor of its own, so the full weight can be freed
     return nn.Parameter(value.clone(), requires_grad=old.requires_grad)
@@ -174,10 +292,24 @@ def _split(n: int, world_size: int, what: str, why: str = "") -> int:
     return n // world_size
 
 
-def _check(model: CausalLM, world_size: int, experts: str) -> None:
+def _check(model: CausalLM, world_size: int, experts: str, attention: str = "tp") -> None:
     """Every size and module type, before anything changes: a model that cannot be sharded is left intact."""
     if experts not in ("tp", "ep"):
         raise ValueError(f"experts must be 'tp' or 'ep', got {experts!r}")
+    if attention not in ("tp", "dp"):
+        raise ValueError(f"attention must be 'tp' or 'dp', got {attention!r}")
+    if attention == "dp":
+        if experts != "ep":
+            raise ValueError("data-parallel attention splits the routed experts by expert: experts='ep'")
+        moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+        if not moes:
+            raise ValueError("data-parallel attention needs a MoE model: a dense one would be W replicas")
+        for i, moe in enumerate(moes):
+            if type(moe.experts) is not Experts:
+                raise TypeError(f"cannot shard experts of type {type(moe.experts).__name__} (shard before "
+                                "quantizing or offloading)")
+            _split(moe.experts.gate_up_proj.shape[0], world_size, f"MoE layer {i}: number of routed experts")
+        return
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         if isinstance(attn, Attention):
@@ -296,11 +428,12 @@ def _local_config(config, world_size: int):
 
 
 @torch.no_grad()
-def shard_model(model: CausalLM, rank: int, world_size: int, experts: str = "tp", group=None) -> CausalLM:
+def shard_model(model: CausalLM, rank: int, world_size: int, experts: str = "tp", group=None,
+                attention: str = "tp") -> CausalLM:
     """Keep rank `rank`'s shard of a fully loaded `model` (in place) and return it; see the module docstring.
 
     experts: "tp" splits every routed expert's intermediate dim across ranks, "ep" gives each rank E/world_size
-    whole experts. group: the torch.distributed process group of the world_size ranks (default: the world);
+    whole experts. attention: "tp" splits heads, "dp" replicates attention for data-parallel ranks (experts="ep"). group: the torch.distributed process group of the world_size ranks (default: the world);
     every rank must call this with the same arguments but its own rank. Raises ValueError when the heads, KV
     heads, intermediate sizes or (for "ep") the expert count do not divide by world_size; the vocabulary is padded.
     """
@@ -311,10 +444,18 @@ def shard_model(model: CausalLM, rank: int, world_size: int, experts: str = "tp"
     if dist.is_initialized() and (dist.get_world_size(group), dist.get_rank(group)) != (world_size, rank):
         raise ValueError(f"rank={rank}, world_size={world_size} disagree with the process group's "
                          f"rank={dist.get_rank(group)}, size={dist.get_world_size(group)}")
-    _check(model, world_size, experts)
+    _check(model, world_size, experts, attention)
     if world_size == 1:
         return model
     comm = Comm(rank, world_size, group)
+    if attention == "dp":
+        for layer in model.model.layers:
+            if isinstance(layer.mlp, MoE):
+                n = layer.mlp.experts.gate_up_proj.shape[0] // world_size
+                layer.mlp.experts = DispatchedExperts(layer.mlp.experts, rank * n, n, comm)
+        model.lm_head = GatheredLMHead(model.lm_head.weight, comm)  # tied embeddings stay tied
+        model.parallel = (rank, world_size, experts, attention)
+        return model
     for layer in model.model.layers:
         _shard_attention(layer.self_attn, rank, world_size)
         if isinstance(layer.mlp, MoE):
@@ -338,5 +479,5 @@ def shard_model(model: CausalLM, rank: int, world_size: int, experts: str = "tp"
     model.lm_head = ParallelLMHead(head, V, comm)
 
     model.config = _local_config(model.config, world_size)
-    model.parallel = (rank, world_size, experts)
+    model.parallel = (rank, world_size, experts, attention)
     return model

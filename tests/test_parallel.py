@@ -73,6 +73,41 @@ def _engine(rank: int, path: str) -> None:
     assert [len(o.token_ids) for o in got] == [12, 12]
 
 
+def _rank_ids(rank: int, vocab: int, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _compare_dp(rank: int, path: str, vocab: int) -> None:
+    """Data-parallel attention: each rank feeds tokens of its own, and gets the full model's hidden states for them,
+    by all-to-all dispatch (unequal token counts) and by all-gather (equal counts); rank 0's LM head gives every
+    rank's logits in rank order."""
+    from mixr.parallel import DispatchedExperts
+
+    full = load_model(path, dtype=torch.float32, progress=False)
+    model = shard_model(load_model(path, dtype=torch.float32, progress=False), rank, WORLD, experts="ep",
+                        attention="dp")
+    moes = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    assert moes and all(isinstance(m, DispatchedExperts) for m in moes)
+    E = full.model.layers[-1].mlp.experts.gate_up_proj.shape[0]
+    assert moes[-1].gate_up_proj.shape[0] == E // WORLD and moes[-1].first == rank * E // WORLD
+    assert model.model.embed_tokens.weight.shape == full.model.embed_tokens.weight.shape  # replicated
+    for dispatch, shapes in (("all_to_all", [(2, 13), (1, 5)]), ("all_gather", [(2, 9), (2, 9)])):
+        for m in moes:
+            m.dispatch = dispatch
+        ids = [_rank_ids(r, vocab, shape) for r, shape in enumerate(shapes)]
+        with torch.no_grad():
+            expected = [full.hidden_states(x) for x in ids]
+            got = model.hidden_states(ids[rank])
+            err = rel_err(got, expected[rank])
+            assert err < 1e-5, f"{dispatch} rank {rank}: relative hidden-state error {err:.2e}"
+            logits = model.lm_head(got[0, -1:])  # one row from each rank
+        if rank == 0:
+            want = full.lm_head(torch.stack([h[0, -1] for h in expected]))
+            assert rel_err(logits, want) < 1e-5
+        else:
+            assert logits.shape == (WORLD, 0)
+
+
 def check_shard(model, full, mode: str) -> None:
     """The rank really holds only its part: local head counts, vocab slice, experts or expert slices."""
     assert model.lm_head.weight.shape[0] == -(-full.config.vocab_size // WORLD)
@@ -110,6 +145,12 @@ def test_mixtral_with_padded_vocab(tmp_path):
     run_sharded(path, tmp_path, vocab=vocab)
 
 
+@pytest.mark.parametrize("name", ["deepseek_v2_greedy", "qwen2_moe", "mixtral"])
+def test_data_parallel_attention_matches_unsharded(name, checkpoint, tmp_path):
+    """V2 (a dense first layer, shared experts), Qwen2-MoE (gated shared expert), Mixtral (no shared expert)."""
+    spawn(tmp_path, _compare_dp, str(checkpoint(name)), VOCAB)
+
+
 def test_sizes_that_do_not_divide_raise(checkpoint):
     model = load_model(checkpoint("mixtral"), dtype=torch.float32, progress=False)  # 4 heads, 2 KV heads, 4 experts
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -119,6 +160,10 @@ def test_sizes_that_do_not_divide_raise(checkpoint):
         shard_model(model, 0, 4)
     with pytest.raises(ValueError, match="experts must be 'tp' or 'ep'"):
         shard_model(model, 0, 2, experts="dp")
+    with pytest.raises(ValueError, match="data-parallel attention splits the routed experts by expert"):
+        shard_model(model, 0, 2, attention="dp")
+    with pytest.raises(ValueError, match="attention must be 'tp' or 'dp'"):
+        shard_model(model, 0, 2, attention="sp")
     # a failed call leaves the model whole
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mixr.engine.block_manager import BlockManager, hash_block
+from mixr.engine.block_manager import BlockManager, DataParallelBlocks, hash_block
 from mixr.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from mixr.engine.sequence import Sequence, SequenceStatus
 from mixr.sampling import SamplingParams
@@ -42,30 +42,41 @@ def fake_token(seq_id: int, context: list[int]) -> int:
     return (seq_id * 7 + len(context) + sum(context)) % 50
 
 
+def pools(sched: Scheduler) -> list[BlockManager]:
+    """The block managers of the scheduler's KV caches: one, or one per data-parallel rank."""
+    bm = sched.block_manager
+    return bm.pools if isinstance(bm, DataParallelBlocks) else [bm]
+
+
 def check_blocks(sched: Scheduler) -> None:
     """Reference counts equal the block tables that hold them; free list and hash table agree."""
-    bm = sched.block_manager
-    refs = [0] * bm.num_blocks
-    for seq in sched.running:
-        assert len(seq.block_table) == len(set(seq.block_table))
-        for b in seq.block_table:
-            refs[b] += 1
+    for rank, bm in enumerate(pools(sched)):
+        refs = [0] * bm.num_blocks
+        for seq in sched.running:
+            assert len(seq.block_table) == len(set(seq.block_table))
+            if seq.dp_rank == rank:
+                for b in seq.block_table:
+                    refs[b] += 1
+        assert refs == bm.ref_count
+        assert set(bm.free) == {b for b in range(bm.num_blocks) if refs[b] == 0}
+        assert {h: b for b, h in enumerate(bm.block_hash) if h is not None} == bm.hash_to_block
     for seq in sched.waiting:
         assert not seq.block_table and seq.num_computed_tokens == 0
-    assert refs == bm.ref_count
-    assert set(bm.free) == {b for b in range(bm.num_blocks) if refs[b] == 0}
-    assert {h: b for b, h in enumerate(bm.block_hash) if h is not None} == bm.hash_to_block
+    if isinstance(sched.block_manager, DataParallelBlocks):
+        assert sched.block_manager.active == [sum(s.dp_rank == r for s in sched.running)
+                                              for r in range(len(pools(sched)))]
 
 
 class FakeRunner:
+    """One KV cache per data-parallel rank (one without): a sequence reads and writes only its rank's."""
+
     def __init__(self, sched: Scheduler):
         self.sched = sched
-        bm = sched.block_manager
-        self.kv: list[tuple[int, int] | None] = [None] * (bm.num_blocks * bm.block_size)
+        self.kvs = [[None] * (bm.num_blocks * bm.block_size) for bm in pools(sched)]
         self.steps: list[ScheduledBatch] = []
 
     def step(self) -> list[Sequence]:
-        sched, bm, cfg = self.sched, self.sched.block_manager, self.sched.config
+        sched, cfg = self.sched, self.sched.config
         batch = sched.schedule()
         self.steps.append(batch)
         assert len(batch) <= cfg.max_num_seqs and len(sched.running) <= cfg.max_num_seqs
@@ -74,13 +85,14 @@ class FakeRunner:
         check_blocks(sched)
         sampled = []
         for seq, start, n, do_sample in zip(batch.seqs, batch.start_positions, batch.num_new_tokens, batch.do_sample):
+            bm, kv = pools(sched)[seq.dp_rank], self.kvs[seq.dp_rank]
             assert seq.status is SequenceStatus.RUNNING and n >= 1 and start == seq.num_computed_tokens
             assert do_sample == (start + n == seq.num_tokens) and (n > 1 or do_sample)  # 1-token rows are decodes
             for p, slot in zip(range(start, start + n), bm.slots(seq, start, start + n)):
                 b = slot // bm.block_size
                 assert bm.ref_count[b] == 1 and bm.block_hash[b] is None, "wrote into a shared or cached block"
-                self.kv[slot] = (p, seq.token_ids[p])
-            context = [self.kv[s] for s in bm.slots(seq, 0, start + n)]
+                kv[slot] = (p, seq.token_ids[p])
+            context = [kv[s] for s in bm.slots(seq, 0, start + n)]
             assert context == list(enumerate(seq.token_ids[:start + n]))
             sampled.append(fake_token(seq.seq_id, [t for _, t in context]) if do_sample else None)
         finished = sched.postprocess(batch, sampled)
@@ -224,6 +236,34 @@ def test_no_prefix_caching():
     b = make(1, range(10))
     bm.allocate(b)
     assert b.num_cached_tokens == 0 and not set(a.block_table) & set(b.block_table) and not bm.hash_to_block
+
+
+def test_data_parallel_pools_balance_then_share_prefixes():
+    """Each sequence's blocks come from one rank's pool: the least loaded, then the one with its prefix cached."""
+    bm = DataParallelBlocks(2, 6, 4)
+    a, b = make(0, range(100, 109)), make(1, range(200, 209))
+    for seq in (a, b):
+        bm.allocate(seq)
+        compute(bm, seq)
+    assert (a.dp_rank, b.dp_rank) == (0, 1) and bm.active == [1, 1]
+    assert bm.num_free_blocks == 6 and bm.usage == 0.5
+    bm.deallocate(a)
+    bm.deallocate(b)
+    c = make(2, list(range(200, 208)) + [7])  # b's two full blocks, cached in rank 1's pool only
+    assert bm.cached_prefix(c) == 8
+    bm.allocate(c)
+    assert c.dp_rank == 1 and c.num_cached_tokens == 8 and bm.active == [0, 1]
+    big = make(3, range(300, 320))  # 5 blocks: only rank 0 has them free
+    bm.allocate(big)
+    assert big.dp_rank == 0
+    d = make(4, range(400, 404))
+    bm.allocate(d)  # one sequence on each rank: the one with more free blocks
+    assert d.dp_rank == 1 and bm.active == [1, 2]
+    assert not bm.can_allocate(make(5, range(500, 520)))
+    assert not bm.reset_prefix_cache()
+    for seq in (big, c, d):
+        bm.deallocate(seq)
+    assert bm.reset_prefix_cache() and bm.cached_prefix(make(6, list(range(200, 208)) + [7])) == 0
 
 
 def test_reset_prefix_cache():
@@ -466,15 +506,16 @@ def test_preempts_the_newest_and_puts_it_first_in_line():
     assert [s.generated_token_ids for s in (a, b, c, d)] == [solo(s) for s in (a, b, c, d)]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_workload_matches_solo_runs(seed):
-    """Shared prefixes, tiny cache, chunked prefill, preemption and aborts together."""
+@pytest.mark.parametrize("seed,ranks", [(seed, 1) for seed in range(6)] + [(6, 2), (7, 2), (8, 3)])
+def test_random_workload_matches_solo_runs(seed, ranks):
+    """Shared prefixes, tiny cache, chunked prefill, preemption and aborts together; also with the KV caches of
+    data-parallel ranks (each sequence in one of them)."""
     rng = random.Random(seed)
     chunked = seed % 2 == 0
     max_num_seqs = rng.randint(2, 6)
     sched = scheduler(num_blocks=rng.randint(12, 24), block_size=4, max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=rng.choice([max_num_seqs, 8, 16]) if chunked else 48, max_model_len=48,
-                      enable_chunked_prefill=chunked, eos={0})
+                      enable_chunked_prefill=chunked, eos={0}, data_parallel_size=ranks)
     prefixes = [[rng.randrange(100, 200) for _ in range(rng.randint(0, 20))] for _ in range(3)]
     runner = FakeRunner(sched)
     seqs, aborted = [], set()
@@ -491,7 +532,9 @@ def test_random_workload_matches_solo_runs(seed):
             runner.step()
         elif len(seqs) == 30:
             break
-    assert not sched.has_unfinished() and sched.block_manager.num_free_blocks == sched.config.num_blocks
+    assert not sched.has_unfinished() and sched.block_manager.num_free_blocks == sched.config.num_blocks * ranks
+    if ranks > 1:  # every rank ran sequences
+        assert all(pool.hash_to_block for pool in pools(sched))
     for s in seqs:
         assert s.is_finished
         if s.seq_id not in aborted:

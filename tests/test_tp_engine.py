@@ -52,11 +52,30 @@ def test_tp_and_ep_engines_match_one_process(name, checkpoint):
     assert single.engine.workers is None and not torch.distributed.is_initialized()  # TP=1: no processes, no group
     assert_no_workers()
     expected = generate(single)
-    for experts in ("tp", "ep"):
-        with LLM(path, tensor_parallel_size=2, parallel_experts=experts, **CONFIG) as llm:
+    for experts, attention in (("tp", "tp"), ("ep", "tp"), ("ep", "dp")):
+        with LLM(path, tensor_parallel_size=2, parallel_experts=experts, parallel_attention=attention,
+                 **CONFIG) as llm:
             assert llm.engine.runner.num_blocks == single.engine.runner.num_blocks
-            assert llm.model.parallel == (0, 2, experts)
-            assert generate(llm) == expected, experts
+            assert llm.model.parallel == (0, 2, experts, attention)
+            assert generate(llm) == expected, (experts, attention)
+            if attention == "dp":  # both ranks' caches held sequences (their prefixes stay cached)
+                assert all(pool.hash_to_block for pool in llm.engine.scheduler.block_manager.pools)
+        assert_no_workers()
+
+
+def test_prompt_chunks_as_decode_rows(checkpoint):
+    """Short prompt chunks that run as decode rows (on a GPU: in the captured graphs, ModelRunner.fits_decode) reach
+    the workers as such, under TP and under data-parallel attention, where each rank's rows are padded to the
+    largest rank's. On a CPU there are no graphs, so rank 0's runner is told every step fits."""
+    path = checkpoint("deepseek_v2_greedy")
+    expected = generate(LLM(path, **CONFIG))
+    for experts, attention in (("tp", "tp"), ("ep", "dp")):
+        with LLM(path, tensor_parallel_size=2, parallel_experts=experts, parallel_attention=attention,
+                 **CONFIG) as llm:
+            calls = []
+            llm.engine.runner.runner.fits_decode = lambda seqs, counts: calls.append(counts) or True
+            assert generate(llm) == expected, attention
+            assert any(max(c) > 1 for c in calls)
         assert_no_workers()
 
 
@@ -70,7 +89,7 @@ def test_sharded_load_cuts_what_shard_model_cuts(name, checkpoint):
         for rank in (0, 1):
             model = shard_model(load_model(path, dtype=torch.float32, progress=False), rank, 2, experts=experts)
             loaded = load_model(path, dtype=torch.float32, progress=False, shard=(rank, 2, experts))
-            assert loaded.parallel == (rank, 2, experts) and loaded.config == model.config
+            assert loaded.parallel == (rank, 2, experts, "tp") and loaded.config == model.config
             state = loaded.state_dict()
             assert state.keys() == model.state_dict().keys()  # rank 1 has no row-parallel biases
             for key, shard in model.state_dict().items():
@@ -101,12 +120,28 @@ def test_dummy_weights_are_one_model_at_every_world_size(checkpoint):
         for key, shard in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], shard), (rank, key)
     expected = generate(LLM(path, load_format="dummy", **CONFIG))
-    assert expected != generate(LLM(path, **CONFIG))
-    for experts in ("tp", "ep"):
-        with LLM(path, tensor_parallel_size=2, parallel_experts=experts, load_format="dummy", **CONFIG) as llm:
+    real = generate(LLM(path, **CONFIG))
+    assert expected != real
+    for experts, attention in (("tp", "tp"), ("ep", "tp"), ("ep", "dp")):
+        with LLM(path, tensor_parallel_size=2, parallel_experts=experts, parallel_attention=attention,
+                 load_format="dummy", **CONFIG) as llm:
             assert generate(llm) == expected, experts
+            if attention == "dp":  # and the real weights sent over (as an RL trainer does): the real tokens
+                llm.update_weights(load_model(path, dtype=torch.float32, progress=False).state_dict())
+                assert generate(llm) == real
     with pytest.raises(ValueError, match="unsupported load_format 'npz'"):
         load_model(path, load_format="npz")
+
+
+def test_data_parallel_attention_refuses_what_it_cannot_run(checkpoint):
+    with pytest.raises(ValueError, match="parallel_attention='dp' splits the routed experts by expert"):
+        LLM(checkpoint("mixtral"), tensor_parallel_size=2, parallel_attention="dp", **CONFIG)
+    with pytest.raises(ValueError, match="parallel_attention must be 'tp' or 'dp'"):
+        LLM(checkpoint("mixtral"), tensor_parallel_size=2, parallel_attention="sp", **CONFIG)
+    with pytest.raises(ValueError, match="data-parallel attention needs a MoE model"):
+        LLM(checkpoint("qwen2_tied"), tensor_parallel_size=2, parallel_experts="ep", parallel_attention="dp",
+            **CONFIG)
+    assert_no_workers()
 
 
 def test_update_weights_abort_and_close(checkpoint, tmp_path):
@@ -236,3 +271,9 @@ def test_tp_engine_on_two_gpus(checkpoint):
         assert_no_workers()
     assert runs[False] == runs[True]
     assert [t[0] for t in runs[False]] == [t[0] for t in single]
+    # data-parallel attention: all-to-all dispatch in the eager prefill, all-gather inside the decode graphs
+    with LLM(path, tensor_parallel_size=2, parallel_experts="ep", parallel_attention="dp", **config) as llm:
+        assert llm.engine.runner.graphs
+        dp = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert_no_workers()
+    assert [t[0] for t in dp] == [t[0] for t in single]

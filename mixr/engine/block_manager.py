@@ -196,3 +196,71 @@ class BlockManager:
             raise ValueError(f"positions [{start}, {end}) outside the {len(seq.block_table)} blocks of sequence "
                              f"{seq.seq_id}")
         return slot_mapping(seq.block_table, self.block_size, start, end)
+
+
+class DataParallelBlocks:
+    """The block managers of data-parallel attention's ranks, each rank's KV cache its own pool of num_blocks
+    blocks, behind BlockManager's interface. A sequence's blocks all come from one pool, `seq.dp_rank`, chosen when
+    it is allocated: the rank running the fewest sequences (decode batches are padded to the largest rank's), then
+    the one with the longest cached prefix, then the most free blocks. Prefix caching works within a pool."""
+
+    def __init__(self, pools: int, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.pools = [BlockManager(num_blocks, block_size, enable_prefix_caching) for _ in range(pools)]
+        self.num_blocks = pools * num_blocks  # in all
+        self.block_size = block_size
+        self.active = [0] * pools  # sequences holding blocks, per pool
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(p.num_free_blocks for p in self.pools)
+
+    @property
+    def usage(self) -> float:
+        return sum(p.usage for p in self.pools) / len(self.pools)
+
+    def _choose(self, seq: Sequence) -> BlockManager:
+        """The pool a waiting sequence would be allocated from."""
+        r = min(range(len(self.pools)), key=lambda r: (not self.pools[r].can_allocate(seq), self.active[r],
+                                                        -self.pools[r].cached_prefix(seq),
+                                                        -self.pools[r].num_free_blocks))
+        return self.pools[r]
+
+    def cached_prefix(self, seq: Sequence) -> int:
+        return self._choose(seq).cached_prefix(seq)
+
+    def prefix_pending(self, seq: Sequence) -> bool:
+        return self._choose(seq).prefix_pending(seq)
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self._choose(seq).can_allocate(seq)
+
+    def allocate(self, seq: Sequence) -> None:
+        pool = self._choose(seq)
+        pool.allocate(seq)
+        seq.dp_rank = self.pools.index(pool)
+        self.active[seq.dp_rank] += 1
+
+    def deallocate(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.active[seq.dp_rank] -= 1
+        self.pools[seq.dp_rank].deallocate(seq)
+
+    def commit(self, seq: Sequence, start: int) -> None:
+        self.pools[seq.dp_rank].commit(seq, start)
+
+    def can_append(self, seq: Sequence, ahead: int = 0) -> bool:
+        return self.pools[seq.dp_rank].can_append(seq, ahead)
+
+    def may_append(self, seq: Sequence, ahead: int = 0) -> None:
+        self.pools[seq.dp_rank].may_append(seq, ahead)
+
+    def blocks_needed(self, seq: Sequence, ahead: int = 0) -> int:
+        return self.pools[seq.dp_rank].blocks_needed(seq, ahead)
+
+    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        return self.pools[seq.dp_rank].slots(seq, start, end)
+
+    def reset_prefix_cache(self) -> bool:
+        if any(p.num_free_blocks != p.num_blocks for p in self.pools):
+            return False
+        return all([p.reset_prefix_cache() for p in self.pools])

@@ -1,4 +1,4 @@
-"""Tensor- and expert-parallel engines: one process per GPU, the scheduler in rank 0 alone.
+"""Tensor-, expert- and data-parallel engines: one process per GPU, the scheduler in rank 0 alone.
 
 LLMEngine(model_dir, config=EngineConfig(tensor_parallel_size=N)) makes its own process rank 0 and starts ranks
 1..N-1 (`Workers`: torch.multiprocessing's spawn, rank r on cuda:r). Every rank loads the checkpoint itself, keeps
@@ -7,11 +7,15 @@ experts) and builds its own ModelRunner; the KV caches get the same number of bl
 budget of all), so rank 0's block tables hold everywhere. Then each forward of rank 0 (`ParallelRunner`) first
 writes one step message, pickled once, to every worker's pipe:
 
-    ("decode", [(last token id, sequence length, block table), ...])          a row per sequence
-    ("prefill", [(this chunk's token ids, its first position, block table), ...])
+    ("decode", [(last token id, sequence length, block table), ...], pad)     a row per sequence
+    ("rows", [(chunk token ids, first position, block table), ...], pad)      short prompt chunks as decode rows
+    ("prefill", [(chunk token ids, first position, block table), ...], pad)
 
 and every rank runs that forward. The collectives inside the sharded model (torch.distributed: NCCL on GPUs, gloo
-on CPUs) leave the whole logits on every rank; rank 0 alone samples. update_weights broadcasts each full tensor
+on CPUs) leave the whole logits on every rank; rank 0 alone samples. pad is None, except under data-parallel
+attention (EngineConfig.parallel_attention="dp", `DataParallelRunner`): there each rank is sent the rows of its
+own sequences, whose KV cache it holds (rank 0's scheduler keeps a block pool per rank), and pad is the row count
+every rank runs, its own rows padded, so that the collectives of the routed experts and the LM head line up. update_weights broadcasts each full tensor
 over torch.distributed and every rank copies its own shard of it (`shard_of`).
 
 A failure is an error in rank 0, never a hang. A worker that raises sends its traceback and exits; a thread in rank
@@ -66,15 +70,15 @@ def load_shard(model_dir: str | Path, device: torch.device, dtype, config, rank:
     """Rank `rank`'s shard of a checkpoint, on `device`. Each rank reads only its own part of every tensor
     (load_model's shard=), except with an adapter: that is merged into the whole weights, so the model is loaded
     whole into CPU memory, merged, sharded, then moved."""
-    W, experts = config.tensor_parallel_size, config.parallel_experts
+    W, experts, attention = config.tensor_parallel_size, config.parallel_experts, config.parallel_attention
     if config.adapter:
         from mixr.train.lora import load_adapter, merge_lora
         model = load_model(model_dir, device="cpu", dtype=dtype, progress=rank == 0)
         merge_lora(load_adapter(model, config.adapter))
-        model = shard_model(model, rank, W, experts=experts).to(device)
+        model = shard_model(model, rank, W, experts=experts, attention=attention).to(device)
     else:
-        model = load_model(model_dir, device=device, dtype=dtype, progress=rank == 0, shard=(rank, W, experts),
-                           load_format=config.load_format)
+        model = load_model(model_dir, device=device, dtype=dtype, progress=rank == 0,
+                           shard=(rank, W, experts, attention), load_format=config.load_format)
     model.eval()
     if device.type == "cuda" and config.custom_all_reduce:  # before the graphs capture all-reduces
         comm = model.lm_head.comm
@@ -206,11 +210,15 @@ class Workers:
             raise WorkerError("the tensor-parallel engine is closed")
 
     def send(self, message: tuple) -> None:
+        """The same message to every worker, pickled once."""
+        self.send_each([pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)] * len(self._cmds))
+
+    def send_each(self, messages: list) -> None:
+        """messages[r - 1] to worker r: a tuple, or bytes already pickled."""
         self.check()
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            for c in self._cmds:
-                c.send_bytes(data)
+            for c, m in zip(self._cmds, messages, strict=True):
+                c.send_bytes(m if isinstance(m, bytes) else pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL))
         except BaseException as e:  # BrokenPipeError: a worker is gone
             self._raise(e)
 
@@ -288,19 +296,17 @@ class ParallelRunner:
         return getattr(self.runner, name)
 
     def fits_decode(self, seqs, counts: list[int]) -> bool:
-        return False  # the workers decode one row per sequence
+        return self.runner.fits_decode(seqs, counts)
 
-    def decode(self, seqs, next_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, seqs, next_ids: torch.Tensor | None = None, counts: list[int] | None = None) -> torch.Tensor:
         if next_ids is not None:  # EngineConfig refuses async scheduling with tensor parallelism
             raise NotImplementedError("tensor-parallel workers are sent host tokens, not a running step's")
-        self.workers.send(("decode", [(s.token_ids[-1], s.num_tokens, s.block_table) for s in seqs]))
+        self.workers.send(_decode_message(seqs, counts))
         with self.workers.step():
-            return self.runner.decode(seqs)
+            return self.runner.decode(seqs, counts=counts)
 
     def prefill(self, seqs, counts: list[int]) -> torch.Tensor:
-        rows = [(s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n], s.num_computed_tokens, s.block_table)
-                for s, n in zip(seqs, counts)]
-        self.workers.send(("prefill", rows))
+        self.workers.send(("prefill", _chunks(seqs, counts), None))
         with self.workers.step():
             return self.runner.prefill(seqs, counts)
 
@@ -309,6 +315,69 @@ class ParallelRunner:
             pending = self.runner.sample(logits, reqs)
             pending.result()
         return pending
+
+
+class DataParallelRunner(ParallelRunner):
+    """Rank 0's runner under data-parallel attention (EngineConfig.parallel_attention="dp"): a step's sequences run
+    on the ranks whose KV caches hold them (`Sequence.dp_rank`, set by block_manager.DataParallelBlocks), each rank
+    sent its own rows. Every rank runs every forward, a rank with nothing to do on padding rows, since the routed
+    experts' dispatch and the LM head are collectives; the LM head leaves every rank's rows, each rank's padded to
+    the largest count, in rank 0's logits, from which the batch's are picked."""
+
+    def _parts(self, seqs) -> list[list[int]]:
+        parts: list[list[int]] = [[] for _ in range(self.workers.world_size)]
+        for i, s in enumerate(seqs):
+            parts[s.dp_rank].append(i)
+        return parts
+
+    def fits_decode(self, seqs, counts: list[int]) -> bool:
+        return all(self.runner.fits_decode([seqs[i] for i in p], [counts[i] for i in p])
+                   for p in self._parts(seqs) if p)
+
+    def decode(self, seqs, next_ids: torch.Tensor | None = None, counts: list[int] | None = None) -> torch.Tensor:
+        if next_ids is not None:
+            raise NotImplementedError("data-parallel workers are sent host tokens, not a running step's")
+        parts = self._parts(seqs)
+        sizes = [[1 if counts is None else counts[i] for i in p] for p in parts]
+        rows = max(sum(n) for n in sizes)
+        self.workers.send_each([(*_decode_message([seqs[i] for i in p], None if counts is None else n)[:2], rows)
+                                for p, n in zip(parts[1:], sizes[1:])])
+        with self.workers.step():
+            out = self.runner.decode([seqs[i] for i in parts[0]], counts=None if counts is None else sizes[0],
+                                     rows=rows)
+        return out[self._pick(parts, sizes, out.shape[0] // len(parts))]
+
+    def prefill(self, seqs, counts: list[int]) -> torch.Tensor:
+        parts = self._parts(seqs)
+        rows = max(map(len, parts))
+        self.workers.send_each([("prefill", _chunks([seqs[i] for i in p], [counts[i] for i in p]), rows)
+                                for p in parts[1:]])
+        with self.workers.step():
+            out = self.runner.prefill([seqs[i] for i in parts[0]], [counts[i] for i in parts[0]], rows=rows)
+        return out[self._pick(parts, [[1] * len(p) for p in parts], rows)]
+
+    def _pick(self, parts: list[list[int]], sizes: list[list[int]], per_rank: int) -> torch.Tensor:
+        """The row of each sequence's last token in the gathered logits, in the batch's order."""
+        at = [0] * sum(map(len, parts))
+        for r, (p, n) in enumerate(zip(parts, sizes)):
+            end = r * per_rank
+            for i, k in zip(p, n):
+                end += k
+                at[i] = end - 1
+        return torch.tensor(at, device=self.runner.device)
+
+
+def _decode_message(seqs, counts: list[int] | None) -> tuple:
+    """A decode step for the workers: one row per sequence at its last token, or counts[i] rows each."""
+    if counts is None:
+        return ("decode", [(s.token_ids[-1], s.num_tokens, s.block_table) for s in seqs], None)
+    return ("rows", _chunks(seqs, counts), None)
+
+
+def _chunks(seqs, counts: list[int]) -> list[tuple]:
+    """(the tokens fed, their first position, block table) of each sequence."""
+    return [(s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n], s.num_computed_tokens, s.block_table)
+            for s, n in zip(seqs, counts)]
 
 
 class _Seq:
@@ -347,13 +416,17 @@ def _worker(rank: int, port: int, model_dir: str, cuda: bool, dtype, config, cmd
                 kind, *args = pickle.loads(cmds.recv_bytes())
             except EOFError:  # rank 0 is gone
                 break
-            if kind == "decode":
-                runner.decode([_Seq([last], n, table) for last, n, table in args[0]])
-            elif kind == "prefill":
+            if kind == "decode":  # args: rows, the row count to pad to (data-parallel attention) or None
+                runner.decode([_Seq([last], n, table) for last, n, table in args[0]], rows=args[1])
+            elif kind in ("rows", "prefill"):
                 # ids before a chunk are never read (their KV is in the cache): zeros keep the runner's indexing
-                rows = args[0]
-                runner.prefill([_Seq([0] * start + ids, start + len(ids), table, start) for ids, start, table in rows],
-                               [len(ids) for ids, _, _ in rows])
+                chunks = args[0]
+                seqs = [_Seq([0] * start + ids, start + len(ids), table, start) for ids, start, table in chunks]
+                counts = [len(ids) for ids, _, _ in chunks]
+                if kind == "rows":
+                    runner.decode(seqs, counts=counts, rows=args[1])
+                else:
+                    runner.prefill(seqs, counts, rows=args[1])
             elif kind == "update":
                 _receive_weights(model, args[0], rank, W, device)
                 replies.send(("updated",))

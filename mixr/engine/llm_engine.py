@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mixr.checkpoint import LOAD_FORMATS, load_model, resolve_dtype
-from mixr.engine.distributed import ParallelRunner, Workers
+from mixr.engine.distributed import DataParallelRunner, ParallelRunner, Workers
 from mixr.engine.model_runner import ModelRunner
 from mixr.engine.scheduler import Scheduler, SchedulerConfig
 from mixr.engine.sequence import Sequence
@@ -59,6 +59,10 @@ class EngineConfig:
     # experts per rank)
     tensor_parallel_size: int = 1
     parallel_experts: str = "tp"
+    # "dp": data-parallel attention (SGLang's --enable-dp-attention) over the tensor_parallel_size ranks: each runs
+    # the whole attention for sequences of its own, with a KV cache of its own, and the routed experts are split
+    # by expert (parallel_experts="ep"), tokens sent to their experts' ranks and back (mixr.parallel)
+    parallel_attention: str = "tp"
     # on GPUs, all-reduces of up to 1 MiB (decode steps) as one symmetric-memory kernel (mixr.parallel.Comm) instead
     # of NCCL. Opt-in: it has not yet run on a multi-GPU host (tests/test_tp_engine.py has its GPU tests)
     custom_all_reduce: bool = False
@@ -93,6 +97,10 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.parallel_experts not in ("tp", "ep"):
             raise ValueError(f"parallel_experts must be 'tp' or 'ep', got {self.parallel_experts!r}")
+        if self.parallel_attention not in ("tp", "dp"):
+            raise ValueError(f"parallel_attention must be 'tp' or 'dp', got {self.parallel_attention!r}")
+        if self.parallel_attention == "dp" and self.parallel_experts != "ep":
+            raise ValueError("parallel_attention='dp' splits the routed experts by expert: set parallel_experts='ep'")
         if self.tensor_parallel_size > 1 and self.async_scheduling:
             raise ValueError("async_scheduling does not combine with tensor_parallel_size > 1 yet")
         if self.load_format not in LOAD_FORMATS:
@@ -269,8 +277,9 @@ class LLMEngine:
                                 config.moe_k_min, config.moe_k_max)
         self.tokenizer = tokenizer or Tokenizer.from_dir(model)
         self.max_model_len = config.max_model_len or self.model.config.max_position_embeddings
+        dp = self.workers is not None and config.parallel_attention == "dp"
         if self.workers is not None:
-            self.runner = ParallelRunner(self.workers)
+            self.runner = (DataParallelRunner if dp else ParallelRunner)(self.workers)
         else:
             self.runner = ModelRunner(self.model, config.block_size, self.max_model_len, config.max_num_seqs,
                                       config.max_num_batched_tokens, config.gpu_memory_utilization,
@@ -280,7 +289,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=self.runner.num_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
-            enable_chunked_prefill=config.enable_chunked_prefill, max_model_len=self.max_model_len),
+            enable_chunked_prefill=config.enable_chunked_prefill, max_model_len=self.max_model_len,
+            data_parallel_size=config.tensor_parallel_size if dp else 1),
             eos_token_ids=self.tokenizer.stop_token_ids)
         self._async = config.async_scheduling if config.async_scheduling is not None else (
             self.device.type == "cuda" and self.workers is None)

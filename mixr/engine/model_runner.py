@@ -90,6 +90,9 @@ class ModelRunner:
 
     def _prefill_inputs(self, seqs: list[Sequence], counts: list[int]):
         scratch = self.cache.scratch_slot
+        if not seqs:  # a data-parallel rank with no prompt this step: one padding token joins the collectives
+            zero, slot = self._tensor([[0]]), self._tensor([[scratch]])
+            return zero, zero, StepMeta(decode=False, slots=slot, gather=slot), self._tensor([])
         L = max(counts)
         S = max(s.num_computed_tokens + n for s, n in zip(seqs, counts))
         ids, pos, slots, gather = [], [], [], []
@@ -113,7 +116,7 @@ class ModelRunner:
         ahead: each sequence is one token further on (a step still running samples that token; the caller feeds
         it), so positions, slots and context lengths count it. Two host-to-device copies: one per dtype."""
         bs, scratch = self.block_size, self.cache.scratch_slot
-        width = max(len(s.block_table) for s in seqs)  # columns past a row's context are never read
+        width = max((len(s.block_table) for s in seqs), default=1)  # columns past a row's context are never read
         ids, pos, slots, lens, tables = [], [], [], [], []
         for i, s in enumerate(seqs):
             table, toks = s.block_table, s.token_ids
@@ -178,15 +181,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], next_ids: torch.Tensor | None = None,
-               counts: list[int] | None = None) -> torch.Tensor:
+               counts: list[int] | None = None, rows: int | None = None) -> torch.Tensor:
         """Logits (len(seqs), vocab) for each sequence's next token.
         next_ids (len(seqs),), on the device: feed these instead of the last tokens, one position further on;
         they are the tokens of a step still running, which the host has not seen (LLMEngine's async scheduling).
         counts: feed each sequence counts[i] tokens from num_computed_tokens on, one row each (see fits_decode);
-        the logits are those of each sequence's last row."""
+        the logits are those of each sequence's last row.
+        rows: data-parallel attention: run at least this many rows (every rank the same) and return the LM head's
+        output as it is: all ranks' rows, in rank order, each rank's padded to the same count (GatheredLMHead)."""
         n = len(seqs) if counts is None else sum(counts)
-        size = next((b for b in sorted(self.graphs) if b >= n), None)
-        longs, tables, lens = self._decode_inputs(seqs, size or n, counts, ahead=next_ids is not None)
+        want = max(n, rows or 0)
+        size = next((b for b in sorted(self.graphs) if b >= want), None)
+        longs, tables, lens = self._decode_inputs(seqs, size or want, counts, ahead=next_ids is not None)
         if size is None:
             if next_ids is not None:
                 longs[0, :, 0] = next_ids
@@ -200,15 +206,22 @@ class ModelRunner:
             self.g_lens[:size].copy_(lens)
             self.graphs[size].replay()
             out = self.g_out[size]
+        if rows is not None:
+            return out
         if counts is None:
             return out[:n]
         return out[torch.tensor(list(itertools.accumulate(counts)), device=out.device) - 1]
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
+    def prefill(self, seqs: list[Sequence], counts: list[int], rows: int | None = None) -> torch.Tensor:
+        """Logits of each sequence's last fed token. rows: data-parallel attention, as in `decode`: this rank's
+        len(seqs) <= rows last hidden states padded to rows, and the LM head's output returned as it is."""
         ids, pos, meta, last = self._prefill_inputs(seqs, counts)
         hidden = self.model.hidden_states(ids, pos, PagedStep(self.cache, meta))
-        return self.model.lm_head(hidden[torch.arange(len(seqs), device=self.device), last])
+        hidden = hidden[torch.arange(len(seqs), device=self.device), last]
+        if rows is not None:
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, rows - len(seqs)))
+        return self.model.lm_head(hidden)
 
     def sample(self, logits: torch.Tensor, reqs: list[SampleRequest]) -> PendingSample:
         return PendingSample(logits, reqs)

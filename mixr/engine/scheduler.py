@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mixr.engine.block_manager import BlockManager
+from mixr.engine.block_manager import BlockManager, DataParallelBlocks
 from mixr.engine.sequence import Sequence, SequenceStatus
 
 WAITING, RUNNING, FINISHED = SequenceStatus.WAITING, SequenceStatus.RUNNING, SequenceStatus.FINISHED
@@ -26,9 +26,13 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_model_len: int
+    # data-parallel attention: that many KV caches of num_blocks blocks each, a sequence in one of them
+    # (block_manager.DataParallelBlocks); the limits above are for all ranks together
+    data_parallel_size: int = 1
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len",
+                     "data_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -91,7 +95,11 @@ class Scheduler:
         self.config = config
         self.eos_token_ids = set(eos_token_ids)
         self.clock = clock
-        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        if config.data_parallel_size > 1:
+            self.block_manager = DataParallelBlocks(config.data_parallel_size, config.num_blocks, config.block_size,
+                                                    config.enable_prefix_caching)
+        else:
+            self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
         self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id

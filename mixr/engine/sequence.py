@@ -23,7 +23,7 @@ class Sequence:
     """
 
     __slots__ = ("seq_id", "prompt_token_ids", "token_ids", "params", "status", "block_table", "block_hashes",
-                 "num_computed_tokens", "num_cached_tokens", "finish_reason",
+                 "dp_rank", "num_computed_tokens", "num_cached_tokens", "finish_reason",
                  "arrival_time", "first_token_time", "last_token_time", "finish_time")
 
     def __init__(self, seq_id: int, prompt_token_ids: list[int], params: SamplingParams):
@@ -36,6 +36,8 @@ class Sequence:
         # Chained content hash of each full block of token_ids, filled lazily by the BlockManager. Tokens are
         # append-only, so these stay valid across preemption.
         self.block_hashes: list[bytes] = []
+        # data-parallel attention: the rank whose KV cache holds block_table (DataParallelBlocks sets it)
+        self.dp_rank = 0
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at the last admission
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
