@@ -51,7 +51,7 @@ DENSE = {"q_proj": (3072, 2048), "o_proj": (2048, 2048), "kv_a": (576, 2048), "s
          "shared_down": (2048, 2816)}
 DENSE_M = [1, 8, 32, 256]
 MOE = dict(E=64, k=6, H=2048, I=1408)
-MOE_T = [1, 8, 32, 256]
+MOE_T = [[1, 8, 32, 256]]  # --moe-tokens
 FP8 = {"v2lite_o_proj": (2048, 2048), "v3_shared_down": (7168, 2048), "v3_q_b": (24576, 1536)}
 FP8_M = [1, 64, 2048]
 ATTN = {"v2-lite-mla": dict(Hq=16, Hkv=1, Dk=576, Dv=512, mla=True),
@@ -177,9 +177,10 @@ def moe_candidates(T):
                 ((8, 512, 16, 512, 4), (8, 512, 8, 512, 4), (4, 512, 8, 512, 4), (16, 512, 16, 512, 8),
                  (8, 1024, 16, 1024, 4), (4, 1024, 8, 1024, 4), (16, 256, 32, 256, 4), (8, 256, 16, 512, 4))]
     bm = 16 if T <= 32 else 32
-    return [fm._qgemm(bm, up, dn) for up, dn in
-            (((64, 128, 1, 4, 4), (64, 128, 1, 4, 4)), ((128, 128, 1, 4, 3), (128, 128, 1, 4, 3)),
-             ((32, 128, 1, 4, 4), (32, 128, 1, 4, 4)), ((64, 128, 8, 4, 4), (128, 128, 8, 4, 3)))]
+    tiles = [(n, 128, 1, w, st) for n in (32, 64, 128, 256) for w in (2, 4, 8) for st in (2, 3, 4)
+             if n * w <= 1024]
+    gemv = [fm._qgemv(un, uk, dn, dk, w) for un, uk, dn, dk, w in ((16, 512, 32, 256, 4), (16, 512, 64, 128, 4))]
+    return gemv + [fm._qgemm(bm, t, t) for t in tiles] + [fm._qgemm(bm, (64, 128, 8, 4, 4), (128, 128, 8, 4, 3))]
 
 
 def bench_moe(results, ceil_bw, do_sweep):
@@ -192,7 +193,7 @@ def bench_moe(results, ceil_bw, do_sweep):
                     for _ in range(n_layers)] for kind, (bits, G) in KINDS.items()}
     quant = {kind: [tuple(tuple(t.view(E, -1, t.shape[-1]) if t is not None else None for t in q) for q in layer)
                     for layer in layers] for kind, layers in quant.items()}
-    for T in MOE_T:
+    for T in MOE_T[0]:
         if time_left() < 20:
             log(f"moe T={T}: skipped (time budget)")
             continue
@@ -321,7 +322,9 @@ def main():
     ap.add_argument("--budget", type=float, default=170, help="seconds; later items are skipped past it")
     ap.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
     ap.add_argument("--only", default="", help="comma list of: dense, moe, fp8, attention")
+    ap.add_argument("--moe-tokens", default="1,8,32,256", help="the MoE's token counts")
     args = ap.parse_args()
+    MOE_T[0] = [int(t) for t in args.moe_tokens.split(",")]
     DEADLINE[0] = time.time() + args.budget
     only = set(filter(None, args.only.split(",")))
     torch.manual_seed(0)
