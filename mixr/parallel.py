@@ -292,8 +292,10 @@ def _split(n: int, world_size: int, what: str, why: str = "") -> int:
     return n // world_size
 
 
-def _check(model: CausalLM, world_size: int, experts: str, attention: str = "tp") -> None:
-    """Every size and module type, before anything changes: a model that cannot be sharded is left intact."""
+def check_shardable(model: CausalLM, world_size: int, experts: str, attention: str = "tp") -> None:
+    """Raise ValueError / TypeError / NotImplementedError unless shard_model can shard `model` so (every size and
+    module type, checked before anything changes: a model that cannot be sharded is left intact). A meta-device
+    model will do: the engine checks this before it starts any worker."""
     if experts not in ("tp", "ep"):
         raise ValueError(f"experts must be 'tp' or 'ep', got {experts!r}")
     if attention not in ("tp", "dp"):
@@ -444,7 +446,7 @@ def shard_model(model: CausalLM, rank: int, world_size: int, experts: str = "tp"
     if dist.is_initialized() and (dist.get_world_size(group), dist.get_rank(group)) != (world_size, rank):
         raise ValueError(f"rank={rank}, world_size={world_size} disagree with the process group's "
                          f"rank={dist.get_rank(group)}, size={dist.get_world_size(group)}")
-    _check(model, world_size, experts, attention)
+    check_shardable(model, world_size, experts, attention)
     if world_size == 1:
         return model
     comm = Comm(rank, world_size, group)

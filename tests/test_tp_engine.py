@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ from conftest import FAMILIES, make_hf_checkpoint, start_mixr_serve
 
 from mixr import LLM, SamplingParams, load_model
 from mixr.engine.distributed import WorkerError
+from mixr.tokenizer import Tokenizer
 from mixr.parallel import shard_model, shard_of
 
 PREFIX = list(range(30, 62))  # two full blocks: the second call's prompts find them in the prefix cache
@@ -192,15 +194,26 @@ def workers_of(pid: int) -> list[int]:
     return out
 
 
-def test_mixr_serve_tensor_parallel_exits_when_a_worker_dies(checkpoint, tmp_path):
+@pytest.mark.parametrize("attention", ["tp", "dp"])
+def test_mixr_serve_tensor_parallel_exits_when_a_worker_dies(attention, checkpoint, tmp_path):
+    path = checkpoint("deepseek_v2_greedy")
+    expected = [o.token_ids for o in LLM(path, **CONFIG).generate(PROMPTS, GREEDY)]
     proc, base, log = start_mixr_serve(
-        [str(checkpoint("deepseek_v2_greedy")), "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "8",
-         "--served-model-name", "m", "--tensor-parallel-size", "2", "--parallel-experts", "ep"],
+        [str(path), "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "8", "--served-model-name", "m",
+         "--tensor-parallel-size", "2", "--parallel-experts", "ep", "--parallel-attention", attention],
         tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"})
     try:
-        r = httpx.post(f"{base}/v1/completions", json={"model": "m", "prompt": [5, 7, 9, 11], "max_tokens": 10,
-                                                       "temperature": 0, "ignore_eos": True}, timeout=30).json()
-        assert r["usage"]["completion_tokens"] == 10
+        def complete(prompt):
+            return httpx.post(f"{base}/v1/completions", json={
+                "model": "m", "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True},
+                timeout=60).json()
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:  # at once: under DP both ranks hold sequences
+            got = list(pool.map(complete, PROMPTS))
+        assert [r["usage"]["completion_tokens"] for r in got] == [10] * len(PROMPTS)
+        # the server detokenizes; compare the text of the single-process engine's tokens
+        tok = Tokenizer.from_dir(path)
+        assert [r["choices"][0]["text"] for r in got] == [tok.decode(t) for t in expected]
         (worker,) = workers_of(proc.pid)
         os.kill(worker, signal.SIGKILL)
         assert proc.wait(30) == 1

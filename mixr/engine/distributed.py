@@ -48,11 +48,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from mixr.checkpoint import load_model
+from mixr.checkpoint import load_model, read_config
 from mixr.engine.model_runner import ModelRunner
 from mixr.layers.moe import set_dynamic_experts
+from mixr.models import config_from_hf
 from mixr.models.base import CausalLM
-from mixr.parallel import shard_model, shard_of
+from mixr.parallel import check_shardable, shard_model, shard_of
 
 HOST = "127.0.0.1"
 # A collective or a reply that waits this long fails: it bounds a peer that hangs without dying (one that dies is
@@ -136,8 +137,8 @@ class _State:
 class Workers:
     """Ranks 1..N-1, each a process running `_worker`, and this process joined to their group as rank 0 with its
     own shard (`model`) and ModelRunner (`runner`; the engine steps it through a ParallelRunner). Raises as rank 0's
-    own loading does (a ValueError for sizes that do not shard), or WorkerError when a worker fails first. Nothing
-    it holds refers back to it, so dropping the engine stops the workers at once."""
+    own loading does (a ValueError for sizes that do not shard, before any worker starts), or WorkerError when a
+    worker fails first. Nothing it holds refers back to it, so dropping the engine stops the workers at once."""
 
     def __init__(self, model_dir: str | Path, device: str | torch.device | None, dtype, config):
         W = config.tensor_parallel_size
@@ -147,6 +148,14 @@ class Workers:
         cuda = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
         if cuda and torch.cuda.device_count() < W:
             raise ValueError(f"tensor_parallel_size={W} needs {W} GPUs; {torch.cuda.device_count()} are visible")
+        hf = read_config(model_dir)  # a missing directory or config.json: CheckpointError now
+        try:
+            model_config = config_from_hf(hf)
+        except (KeyError, TypeError, ValueError):
+            model_config = None  # load_model says what is wrong with the checkpoint
+        if model_config is not None:
+            with torch.device("meta"):  # sizes that do not shard fail here, before any worker starts
+                check_shardable(model_config.build(), W, config.parallel_experts, config.parallel_attention)
         self.world_size = W
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         self._state = state = _State()
