@@ -106,7 +106,9 @@ def bench_config(path: Path, size: int, experts: str, attention: str, one_shot: 
     out = {"tensor_parallel_size": size, "experts": experts, "attention": attention,
            "cold_start_seconds": time.perf_counter() - t,
            "small_all_reduce": None if comm is None else "nccl" if comm.one_shot is None else "one-shot",
-           "kv_blocks": llm.engine.runner.num_blocks, "graph_batch_sizes": sorted(llm.engine.runner.graphs)}
+           "kv_blocks": llm.engine.runner.num_blocks, "graph_batch_sizes": sorted(llm.engine.runner.graphs),
+           # tokens the engine can hold: under data-parallel attention each rank's cache holds its own sequences
+           "kv_tokens_in_all": llm.engine.scheduler.block_manager.num_blocks * llm.engine.config.block_size}
     out |= decode_rates(llm, batches, prompt_len, new, vocab)
     tokens = [r.token_ids for r in llm.generate(random_prompts(8, 32, vocab, seed=5000),
                                                 SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))]
