@@ -266,6 +266,20 @@ def test_data_parallel_pools_balance_then_share_prefixes():
     assert bm.reset_prefix_cache() and bm.cached_prefix(make(6, list(range(200, 208)) + [7])) == 0
 
 
+def test_data_parallel_preemption_frees_blocks_on_the_same_rank():
+    """A sequence short of blocks preempts the newest sequence of its own rank: another rank's blocks are no use."""
+    sched = scheduler(num_blocks=3, block_size=4, max_model_len=16, data_parallel_size=2)
+    a = make(0, range(100, 108), max_tokens=4)  # 8 tokens: two blocks, a third for its second token
+    others = [make(i, range(100 * i, 100 * i + 3), max_tokens=4) for i in range(1, 5)]  # one block each
+    for seq in (a, *others):
+        sched.add(seq)
+    FakeRunner(sched).step()  # every prompt, and a first token each
+    b, c, d, e = others
+    assert [s.dp_rank for s in (a, b, c, d, e)] == [0, 1, 1, 0, 1]  # both pools full
+    batch = sched.schedule()  # a needs a block: d goes back, not e, the newest of all
+    assert batch.preempted == [d] and a in batch.seqs and e in batch.seqs
+
+
 def test_reset_prefix_cache():
     bm = BlockManager(num_blocks=4, block_size=4)
     a = make(0, range(9))

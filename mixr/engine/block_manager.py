@@ -175,6 +175,10 @@ class BlockManager:
                     del self.pending[seq.block_hashes[i]]
         seq.block_table = []
 
+    def same_pool(self, a: Sequence, b: Sequence) -> bool:
+        """Whether freeing a's blocks can give b blocks (always, with one pool)."""
+        return True
+
     def can_append(self, seq: Sequence, ahead: int = 0) -> bool:
         """Whether the blocks for seq's next step (all of its tokens, the last one to be fed) can be had.
         ahead: count that many tokens more, not yet sampled (async scheduling)."""
@@ -247,6 +251,9 @@ class DataParallelBlocks:
 
     def commit(self, seq: Sequence, start: int) -> None:
         self.pools[seq.dp_rank].commit(seq, start)
+
+    def same_pool(self, a: Sequence, b: Sequence) -> bool:
+        return a.dp_rank == b.dp_rank
 
     def can_append(self, seq: Sequence, ahead: int = 0) -> bool:
         return self.pools[seq.dp_rank].can_append(seq, ahead)

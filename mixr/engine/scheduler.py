@@ -155,7 +155,8 @@ class Scheduler:
             if seq.status is not RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue  # preempted by an older one just now, or mid-prefill
             while not bm.can_append(seq):
-                victim = self.running[-1]
+                # the newest sequence whose blocks would help: under data-parallel attention, one on seq's rank
+                victim = next(v for v in reversed(self.running) if bm.same_pool(v, seq))
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:
