@@ -4,7 +4,8 @@
 
   embed_tokens  vocab-parallel: rank r holds rows [r*Vr, (r+1)*Vr), Vr = ceil(V / W) (the last slice is padded
                 with zero rows); ids outside the slice look up zeros; all_reduce
-  self_attn     heads split: column-parallel q/k/v (GQA: KV heads split too), or for MLA q_proj / q_b_proj and
+  self_attn     heads split: column-parallel q/k/v (GQA: KV heads split too; fewer KV heads than ranks are
+                replicated, each on W / num_kv_heads ranks, as in vLLM), or for MLA q_proj / q_b_proj and
                 kv_b_proj per head (q_a_proj, kv_a_proj_with_mqa and their norms are replicated: the latent is
                 shared by all heads); row-parallel o_proj (its bias on rank 0 only); all_reduce
   mlp (dense)   column-parallel gate/up, row-parallel down (bias on rank 0 only); all_reduce
@@ -316,8 +317,13 @@ def check_shardable(model: CausalLM, world_size: int, experts: str, attention: s
         attn, mlp = layer.self_attn, layer.mlp
         if isinstance(attn, Attention):
             _split(attn.num_heads, world_size, f"layer {i}: num_attention_heads")
-            _split(attn.num_kv_heads, world_size, f"layer {i}: num_key_value_heads",
-                   " (KV heads are split across ranks, never replicated)")
+            kv = attn.num_kv_heads
+            if kv >= world_size:
+                _split(kv, world_size, f"layer {i}: num_key_value_heads")
+            elif world_size % kv:
+                raise ValueError(f"layer {i}: num_key_value_heads={kv} does not divide world_size={world_size} "
+                                 "(fewer KV heads than ranks are replicated, each on world_size / num_key_value_heads "
+                                 "ranks)")
             if attn.qk_norm == "full":
                 raise NotImplementedError("tensor parallelism with a full-width Q/K norm (OLMoE) needs a "
                                           "cross-rank RMSNorm, which is not implemented")
@@ -364,12 +370,14 @@ def _shard_mlp(mlp: GatedMLP, rank: int, world_size: int) -> None:
 def _shard_attention(attn: nn.Module, rank: int, world_size: int) -> None:
     H = attn.num_heads // world_size
     if isinstance(attn, Attention):
-        D, KV = attn.head_dim, attn.num_kv_heads // world_size
+        D, KV = attn.head_dim, max(1, attn.num_kv_heads // world_size)
         # q head h reads KV head h // (heads per KV head): a contiguous block of q heads reads a contiguous block
-        # of KV heads, so both split the same way
+        # of KV heads, so both split the same way. With fewer KV heads than ranks (Qwen3-235B's 4 on 8 GPUs, as
+        # vLLM does it) rank r keeps the one KV head its q heads read, which world_size / num_kv_heads ranks share.
+        first = rank * KV if attn.num_kv_heads >= world_size else rank // (world_size // attn.num_kv_heads)
         _rows(attn.q_proj, rank * H * D, (rank + 1) * H * D)
-        _rows(attn.k_proj, rank * KV * D, (rank + 1) * KV * D)
-        _rows(attn.v_proj, rank * KV * D, (rank + 1) * KV * D)
+        _rows(attn.k_proj, first * D, (first + KV) * D)
+        _rows(attn.v_proj, first * D, (first + KV) * D)
         _cols(attn.o_proj, rank * H * D, (rank + 1) * H * D, rank)
         attn.num_heads, attn.num_kv_heads = H, KV
     else:  # MLA: per-head weights are head-major blocks of rows (q, kv_b) or columns (o)
@@ -403,10 +411,15 @@ def shard_of(name: str, full: torch.Tensor, shape: torch.Size, rank: int, world_
     it: the whole tensor where the shapes agree (replicated tensors; rank 0's row-parallel biases); else the one
     axis that differs in world_size slices of ceil(size / world_size) (the vocabulary's last one padded with
     zeros), except a TP-split expert's gate_up_proj (E, 2I, H), whose shard is the same slice of the gate half and
-    of the up half."""
+    of the up half, and the K/V projections of fewer KV heads than ranks, each head's rows on world_size / heads
+    ranks."""
     if full.shape == shape:
         return full
     axes = [d for d, (a, b) in enumerate(zip(full.shape, shape)) if a != b]
+    if name.rpartition(".")[0].endswith(("k_proj", "v_proj")) and axes == [0] and full.shape[0] % shape[0] == 0:
+        heads = full.shape[0] // shape[0]  # KV heads (one per rank) fewer than ranks: replicated (_shard_attention)
+        if heads < world_size and world_size % heads == 0:
+            return full.narrow(0, rank // (world_size // heads) * shape[0], shape[0])
     if full.dim() != len(shape) or len(axes) != 1 or -(-full.shape[axes[0]] // world_size) != shape[axes[0]]:
         raise ValueError(f"{name} has shape {tuple(full.shape)}, which is not the whole of this "
                          f"rank's shard {tuple(shape)} (world_size {world_size})")
@@ -424,8 +437,8 @@ def shard_of(name: str, full: torch.Tensor, shape: torch.Size, rank: int, world_
 
 def _local_config(config, world_size: int):
     """A copy of the config with this rank's head counts, what cache_shapes() reads."""
-    changes = {k: getattr(config, k) // world_size for k in ("num_attention_heads", "num_key_value_heads")
-               if getattr(config, k, None) is not None}
+    changes = {k: max(1, getattr(config, k) // world_size) for k in ("num_attention_heads", "num_key_value_heads")
+               if getattr(config, k, None) is not None}  # KV heads: at least one (replicated)
     return dataclasses.replace(config, **changes)
 
 
@@ -435,9 +448,11 @@ def shard_model(model: CausalLM, rank: int, world_size: int, experts: str = "tp"
     """Keep rank `rank`'s shard of a fully loaded `model` (in place) and return it; see the module docstring.
 
     experts: "tp" splits every routed expert's intermediate dim across ranks, "ep" gives each rank E/world_size
-    whole experts. attention: "tp" splits heads, "dp" replicates attention for data-parallel ranks (experts="ep"). group: the torch.distributed process group of the world_size ranks (default: the world);
-    every rank must call this with the same arguments but its own rank. Raises ValueError when the heads, KV
-    heads, intermediate sizes or (for "ep") the expert count do not divide by world_size; the vocabulary is padded.
+    whole experts. attention: "tp" splits heads, "dp" replicates attention for data-parallel ranks (experts="ep").
+    group: the torch.distributed process group of the world_size ranks (default: the world); every rank must call
+    this with the same arguments but its own rank. Raises ValueError when the heads, intermediate sizes or (for
+    "ep") the expert count do not divide by world_size, or the KV heads neither divide it nor are divided by it;
+    the vocabulary is padded.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is not in 0..{world_size - 1}")

@@ -151,13 +151,37 @@ def test_data_parallel_attention_matches_unsharded(name, checkpoint, tmp_path):
     spawn(tmp_path, _compare_dp, str(checkpoint(name)), VOCAB)
 
 
+def test_kv_heads_fewer_than_ranks_are_replicated(checkpoint):
+    """Mixtral's 4 heads and 2 KV heads on 4 ranks: rank r keeps q head r and KV head r // 2, and shard_of (the
+    sliced load) cuts the same rows."""
+    from mixr.parallel import shard_of
+    path = checkpoint("mixtral")
+    full = load_model(path, dtype=torch.float32, progress=False)
+    D = full.model.layers[0].self_attn.head_dim
+    for rank in range(4):
+        model = shard_model(load_model(path, dtype=torch.float32, progress=False), rank, 4)
+        attn = model.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads, model.config.num_key_value_heads) == (1, 1, 1)
+        for name in ("k_proj", "v_proj"):
+            ref = getattr(full.model.layers[0].self_attn, name).weight
+            got = getattr(attn, name).weight
+            head = rank // 2
+            assert torch.equal(got, ref[head * D:(head + 1) * D])
+            assert torch.equal(shard_of(f"model.layers.0.self_attn.{name}.weight", ref, got.shape, rank, 4), got)
+
+
 def test_sizes_that_do_not_divide_raise(checkpoint):
     model = load_model(checkpoint("mixtral"), dtype=torch.float32, progress=False)  # 4 heads, 2 KV heads, 4 experts
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by world_size=3"):
         shard_model(model, 0, 3)
-    with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by world_size=4"):
+    attn = model.model.layers[0].self_attn
+    attn.num_kv_heads = 3  # (checked before any weight is read)
+    with pytest.raises(ValueError, match="num_key_value_heads=3 does not divide world_size=4"):
         shard_model(model, 0, 4)
+    with pytest.raises(ValueError, match="num_key_value_heads=3 is not divisible by world_size=2"):
+        shard_model(model, 0, 2)
+    attn.num_kv_heads = 2
     with pytest.raises(ValueError, match="experts must be 'tp' or 'ep'"):
         shard_model(model, 0, 2, experts="dp")
     with pytest.raises(ValueError, match="data-parallel attention splits the routed experts by expert"):

@@ -81,7 +81,19 @@ def test_prompt_chunks_as_decode_rows(checkpoint):
         assert_no_workers()
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3_noaux_tc", "qwen2_moe", "mixtral", "qwen2_tied"])
+def test_fewer_kv_heads_than_ranks_are_replicated(checkpoint):
+    """Qwen3 with one KV head (as Qwen3-235B has 4 for 8 GPUs): each rank keeps the head, and TP=2 gives TP=1's
+    tokens."""
+    path = checkpoint("qwen3")
+    expected = generate(LLM(path, **CONFIG))
+    with LLM(path, tensor_parallel_size=2, **CONFIG) as llm:
+        attn = llm.model.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads, llm.model.config.num_key_value_heads) == (2, 1, 1)
+        assert generate(llm) == expected
+    assert_no_workers()
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3_noaux_tc", "qwen2_moe", "mixtral", "qwen2_tied", "qwen3"])
 def test_sharded_load_cuts_what_shard_model_cuts(name, checkpoint):
     """Each rank's load (load_model's shard=, which reads only its part of each tensor) and update_weights' slicing
     of a full tensor (shard_of), against shard_model's shards of the whole model (no process group needed)."""

@@ -15,8 +15,9 @@ and every rank runs that forward. The collectives inside the sharded model (torc
 on CPUs) leave the whole logits on every rank; rank 0 alone samples. pad is None, except under data-parallel
 attention (EngineConfig.parallel_attention="dp", `DataParallelRunner`): there each rank is sent the rows of its
 own sequences, whose KV cache it holds (rank 0's scheduler keeps a block pool per rank), and pad is the row count
-every rank runs, its own rows padded, so that the collectives of the routed experts and the LM head line up. update_weights broadcasts each full tensor
-over torch.distributed and every rank copies its own shard of it (`shard_of`).
+every rank runs, its own rows padded, so that the collectives of the routed experts and the LM head line up.
+update_weights broadcasts each full tensor over torch.distributed and every rank copies its own shard of it
+(`shard_of`).
 
 A failure is an error in rank 0, never a hang. A worker that raises sends its traceback and exits; a thread in rank
 0 waits on the workers' reply pipes and process sentinels and records the first failure (an exception, a death by
