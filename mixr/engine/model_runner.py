@@ -15,10 +15,10 @@ from mixr.sampling import PendingSample, SampleRequest
 
 # Prompt chunks of at most DECODE_CHUNK tokens, whose rows read at most DECODE_CHUNK_READS cached tokens in all, run as
 # decode rows through the graphs (ModelRunner.fits_decode). 2^18 reads of MLA's 1152-byte rows are 0.3 GB a layer.
-DECODE_CHUNK = 128
+DECODE_CHUNK = 512
 DECODE_CHUNK_READS = 1 << 18
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-CHUNK_GRAPH_SIZES = (16, 32, 64, 128)
+CHUNK_GRAPH_SIZES = (16, 32, 64, 128, 256, 512)
 
 
 class ModelRunner:
@@ -62,9 +62,9 @@ class ModelRunner:
         # Graphs need a forward with no host sync: the Triton kernels, which run for bf16/fp16 only.
         if cuda_graphs and self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
             try:
-                # past max_num_seqs, a few sizes for prompt chunks as decode rows (fits_decode): without them a
-                # server with few sequences would prefill every prompt eagerly, which is host-bound (~60 ms for 128
-                # tokens of V2-Lite on an H100, against ~15 ms as graph rows)
+                # past max_num_seqs, a few sizes for prompt chunks as decode rows (fits_decode): an eager prefill is
+                # host-bound, ~60 ms for 128-512 tokens of V2-Lite on an H100, against 14-20 ms as graph rows
+                # (bench/bench_ttft.py)
                 self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs] +
                               [b for b in CHUNK_GRAPH_SIZES if max_num_seqs < b <= min(DECODE_CHUNK,
                                                                                        max_num_batched_tokens)])
