@@ -224,7 +224,14 @@ def bench_moe(results, ceil_bw, do_sweep):
             err, us = measure(None)
             per_expert = (nbytes(gq, gs) + nbytes(dq, ds)) / E
             row = dict(base, kind=kind, us=us, rel_err=err, bytes=distinct * per_expert + act_bytes,
-                       speedup_vs_bf16=bf16_us / us, config=fm.moe_quant_config(T, H, I, bits))
+                       speedup_vs_bf16=bf16_us / us, config=fm.moe_quant_config(T, H, I, bits),
+                       dequant_from_tokens=fm.DEQUANT_MIN_T[bits])
+            if T >= 128:  # both prefill paths: the quantized grouped GEMMs, and all experts dequantized + bf16's
+                shipped = fm.DEQUANT_MIN_T[bits]
+                for path, threshold in (("in_loop", 1 << 40), ("dequant", 0)):
+                    fm.DEQUANT_MIN_T[bits] = threshold
+                    row[f"{path}_rel_err"], row[f"{path}_us"] = measure(None)
+                fm.DEQUANT_MIN_T[bits] = shipped
             if do_sweep:
                 row["sweep"] = sweep(measure, moe_candidates(T), us)
                 ok = [c for c in row["sweep"] if c["us"] == c["us"]]

@@ -385,6 +385,25 @@ def test_fused_moe_quant_gemv_runs_shared_expert(kind, T, S):
         assert out.shape == x.shape and rel_err(out.cpu(), want) < 1e-2
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", list(QUANT_KINDS))
+def test_fused_moe_quant_prefill_dequantizes_the_experts(kind, monkeypatch):
+    """From DEQUANT_MIN_T tokens on, every expert is dequantized once and the bf16 kernels run: the same function as
+    the quantized grouped GEMMs (a shared expert added, and a skipped pair)."""
+    bits, G, zp = QUANT_KINDS[kind]
+    T = 300
+    args, (gu64, dn64) = moe_quant_inputs(T, 8, 3, 256, 128, bits, G, zp, torch.bfloat16, "cuda", seed=5)
+    shared, f64 = quant_shared_inputs(256, 128, 2, bits, G, zp, torch.bfloat16, "cuda")
+    x, _, _, ids, w = args
+    want = moe_float64(x.cpu(), gu64, dn64, ids.cpu(), w.cpu()) + f64(x)
+    monkeypatch.setitem(fm.DEQUANT_MIN_T, bits, T + 1)
+    in_loop = fm.fused_moe_quant(*args, bits, shared=shared)
+    monkeypatch.setitem(fm.DEQUANT_MIN_T, bits, T)
+    dequant = fm.fused_moe_quant(*args, bits, shared=shared)
+    assert rel_err(in_loop.cpu(), want) < 1e-2 and rel_err(dequant.cpu(), want) < 1e-2
+    assert rel_err(dequant.float(), in_loop.float()) < 1e-2
+
+
 @needs_interpreter
 @pytest.mark.parametrize("M,cfg", [(3, None), (5, dict(f8.fp8_config(5), waves=50, MIN_STEPS=1)), (70, None)])
 def test_fp8_block_linear_interpreter(M, cfg):

@@ -35,7 +35,7 @@ except ImportError:  # CPU-only installs: the reference path serves
 HAS_TRITON = triton is not None
 
 from mixr.kernels.arrivals import arrival_counters  # noqa: E402
-from mixr.kernels.quant_gemm import check_packed, dequantize, quant_linear  # noqa: E402
+from mixr.kernels.quant_gemm import check_packed, dequantize, dequantize_triton, quant_linear  # noqa: E402
 
 if HAS_TRITON:
     from mixr.kernels.arrivals import arrive_last
@@ -818,4 +818,25 @@ def fused_moe_quant(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantTenso
     if not fast:
         out = fused_moe_quant_ref(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
         return out if shared is None else out + shared_mlp_quant(x, shared, bits)
+    if config is None and T >= DEQUANT_MIN_T[bits] and 3 * E * H * I * x.element_size() <= DEQUANT_MAX_BYTES:
+        # prefill: every expert dequantized once, then the bf16 grouped GEMMs (as quant_linear's "dequant" path)
+        out = fused_moe(x, _dequantized(gate_up_q, bits, x.dtype), _dequantized(down_q, bits, x.dtype), topk_ids,
+                        topk_weights)
+        return out if shared is None else out + shared_mlp_quant(x, shared, bits)
     return fused_moe_quant_triton(x, gate_up_q, down_q, topk_ids, topk_weights, bits, config, shared)
+
+
+# From this many tokens on, fused_moe_quant dequantizes all experts (their dense copy up to DEQUANT_MAX_BYTES) and runs
+# the bf16 kernels: the quantized grouped GEMMs dequantize every weight tile once per token block, which grows with the
+# tokens. One V2-Lite MoE layer on an H100 (bench_quant_kernels.py --only moe, quant-kernels-moe-prefill-h100-*):
+# int4 at 256 / 512 / 4096 / 8192 tokens 595 / 1538 / 9260 / 17820 us in the loop, 945 / 995 / 1487 / 2273 us
+# dequantized (bf16: 402 / 458 / 1046 / 1809); int8 2018 against 1567 at 4096, but 1105 against 1201 at 2048.
+DEQUANT_MIN_T = {4: 512, 8: 4096}
+DEQUANT_MAX_BYTES = 2 << 30
+
+
+def _dequantized(q: QuantTensors, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed stacked experts (E, N, K') -> dense (E, N, K) in dtype, one Triton launch."""
+    w, s, z = q
+    dense = dequantize_triton(w.flatten(0, 1), s.flatten(0, 1), None if z is None else z.flatten(0, 1), bits, dtype)
+    return dense.view(w.shape[0], w.shape[1], -1)
