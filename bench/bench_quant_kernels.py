@@ -176,11 +176,13 @@ def moe_candidates(T):
         return [fm._qgemv(un, uk, dn, dk, w) for un, uk, dn, dk, w in
                 ((8, 512, 16, 512, 4), (8, 512, 8, 512, 4), (4, 512, 8, 512, 4), (16, 512, 16, 512, 8),
                  (8, 1024, 16, 1024, 4), (4, 1024, 8, 1024, 4), (16, 256, 32, 256, 4), (8, 256, 16, 512, 4))]
-    bm = 16 if T <= 32 else 32
+    if T > 32:  # the row block too: BLOCK_M sets how often each weight tile is dequantized
+        tiles = [(n, 128, g, w, 3) for n in (128, 256) for w in (4, 8) for g in (1, 8)]
+        return [fm._qgemm(bm, t, t) for bm in (16, 32, 64) for t in tiles]
     tiles = [(n, 128, 1, w, st) for n in (32, 64, 128, 256) for w in (2, 4, 8) for st in (2, 3, 4)
              if n * w <= 1024]
     gemv = [fm._qgemv(un, uk, dn, dk, w) for un, uk, dn, dk, w in ((16, 512, 32, 256, 4), (16, 512, 64, 128, 4))]
-    return gemv + [fm._qgemm(bm, t, t) for t in tiles] + [fm._qgemm(bm, (64, 128, 8, 4, 4), (128, 128, 8, 4, 3))]
+    return gemv + [fm._qgemm(16, t, t) for t in tiles] + [fm._qgemm(16, (64, 128, 8, 4, 4), (128, 128, 8, 4, 3))]
 
 
 def bench_moe(results, ceil_bw, do_sweep):

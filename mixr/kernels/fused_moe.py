@@ -702,10 +702,16 @@ def moe_quant_config(T: int, H: int, I: int, bits: int, group: int = 0) -> dict:
     if T <= 32:
         return (_qgemm(16, (128, 128, 1, 4, 3), (128, 128, 1, 4, 3)) if bits == 4 else
                 _qgemm(16, (32, 128, 1, 4, 4), (32, 128, 1, 4, 4)))
+    # Past 32 tokens int4 keeps 16-row blocks: fewer rows per block, but each weight tile dequantized for fewer
+    # padded rows; at 64 / 128 / 256 tokens 305 / 313 / 531 us against 520 / 524 / 577 with 32-row blocks (bf16: 393
+    # / 398 / 405). int8 at 64 and 128: 236 / 239 us with 8 warps, 251 / 256 with 4 (quant-kernels-moe-sweep-bm-*).
+    # int4 from DEQUANT_MIN_T tokens on dequantizes the experts instead.
+    if bits == 4:
+        return _qgemm(16, (128, 128, 1 if T <= 128 else 8, 4, 3), (128, 128, 1 if T <= 128 else 8, 4, 3))
+    if T <= 128:
+        return _qgemm(16, (128, 128, 1, 8, 3), (128, 128, 1, 8, 3))
     if T <= 256:
-        # int4: wider N tiles, 520 us instead of 630 at T=64 and 128 (quant-kernels-moe-sweep-*-h100-2026-11-24)
-        n = 256 if bits == 4 else 128
-        return _qgemm(32, (n, 128, 1, 4, 3), (n, 128, 1, 4, 3))
+        return _qgemm(32, (128, 128, 1, 4, 3), (128, 128, 1, 4, 3))
     return _qgemm(64, (128, 128, 8, 8, 3), (128, 128, 8, 8, 3))
 
 
