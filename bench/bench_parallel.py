@@ -1,9 +1,9 @@
 """Multi-GPU benchmark of the tensor-parallel engine: one random-weight checkpoint (DeepSeek-V2-Lite's shape by
-default) served at 1 GPU, TP=2, EP=2 and data-parallel attention with EP=2 (dp2) (--configs) in one run, with batch-1 and batch-256 greedy decode (--batches)
-and each configuration's greedy agreement with the first one. The same run measures the ceilings: one card's copy
-bandwidth and matmul rate, and NCCL's all-reduce between the GPUs (a decode row's hidden state inside a CUDA graph,
-as the engine issues it, and a large one's bus bandwidth); --hf adds HF transformers with device_map="auto" on the
-same checkpoint. Prints JSON (and writes it to --out).
+default) served at 1 GPU, TP=2, EP=2 and data-parallel attention with EP=2 (dp2) (--configs) in one run, with
+batch-1 and batch-256 greedy decode (--batches) and each configuration's greedy agreement with the first one. The
+same run measures the ceilings: one card's copy bandwidth and matmul rate, and NCCL's all-reduce between the GPUs (a
+decode row's hidden state inside a CUDA graph, as the engine issues it, and a large one's bus bandwidth); --hf adds
+HF transformers with device_map="auto" on the same checkpoint. Prints JSON (and writes it to --out).
 
     PYTHONPATH=. python bench/bench_parallel.py --hf --out bench/results/parallel-v2lite-h200x2-DATE.json
     # a model that only fits across GPUs: random weights made on load (no checkpoint on disk), depth cut to 40

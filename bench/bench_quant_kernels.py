@@ -51,7 +51,6 @@ DENSE = {"q_proj": (3072, 2048), "o_proj": (2048, 2048), "kv_a": (576, 2048), "s
          "shared_down": (2048, 2816)}
 DENSE_M = [1, 8, 32, 256]
 MOE = dict(E=64, k=6, H=2048, I=1408)
-MOE_T = [[1, 8, 32, 256]]  # --moe-tokens
 FP8 = {"v2lite_o_proj": (2048, 2048), "v3_shared_down": (7168, 2048), "v3_q_b": (24576, 1536)}
 FP8_M = [1, 64, 2048]
 ATTN = {"v2-lite-mla": dict(Hq=16, Hkv=1, Dk=576, Dv=512, mla=True),
@@ -185,7 +184,7 @@ def moe_candidates(T):
     return gemv + [fm._qgemm(16, t, t) for t in tiles] + [fm._qgemm(16, (64, 128, 8, 4, 4), (128, 128, 8, 4, 3))]
 
 
-def bench_moe(results, ceil_bw, do_sweep):
+def bench_moe(results, ceil_bw, do_sweep, tokens):
     E, k, H, I = MOE["E"], MOE["k"], MOE["H"], MOE["I"]
     gen = torch.Generator(device=DEV).manual_seed(1)
     n_layers = 3
@@ -195,7 +194,7 @@ def bench_moe(results, ceil_bw, do_sweep):
                     for _ in range(n_layers)] for kind, (bits, G) in KINDS.items()}
     quant = {kind: [tuple(tuple(t.view(E, -1, t.shape[-1]) if t is not None else None for t in q) for q in layer)
                     for layer in layers] for kind, layers in quant.items()}
-    for T in MOE_T[0]:
+    for T in tokens:
         if time_left() < 20:
             log(f"moe T={T}: skipped (time budget)")
             continue
@@ -333,7 +332,7 @@ def main():
     ap.add_argument("--only", default="", help="comma list of: dense, moe, fp8, attention")
     ap.add_argument("--moe-tokens", default="1,8,32,256", help="the MoE's token counts")
     args = ap.parse_args()
-    MOE_T[0] = [int(t) for t in args.moe_tokens.split(",")]
+    moe_tokens = [int(t) for t in args.moe_tokens.split(",")]
     DEADLINE[0] = time.time() + args.budget
     only = set(filter(None, args.only.split(",")))
     torch.manual_seed(0)
@@ -343,7 +342,7 @@ def main():
 
     failed = False
     for stage, fn in (("dense", lambda r: bench_dense(r, ceil_bw, args.sweep)),
-                      ("moe", lambda r: bench_moe(r, ceil_bw, args.sweep)),
+                      ("moe", lambda r: bench_moe(r, ceil_bw, args.sweep, moe_tokens)),
                       ("fp8", lambda r: bench_fp8(r, ceil_bw)), ("attention", lambda r: bench_attention(r, ceil_bw))):
         if only and stage not in only:
             continue

@@ -62,6 +62,15 @@ def read_config(model_dir: str | Path) -> dict:
         raise CheckpointError(f"{cfg} is not valid JSON: {e}") from None
 
 
+def parse_config(hf: dict, model_dir: str | Path):
+    """The model config of config.json's contents `hf`; CheckpointError for an architecture or field mixr cannot
+    build."""
+    try:
+        return config_from_hf(hf)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(model_dir) / 'config.json'}: {e}") from None
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, hf: dict) -> torch.dtype:
     """None / "auto" -> the checkpoint's own dtype (config `dtype` or `torch_dtype`), float32 when unstated."""
     if isinstance(dtype, torch.dtype):
@@ -248,10 +257,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     if quantization == "fp8" and method != "fp8":
         raise CheckpointError(f"quantization='fp8' runs checkpoints stored in FP8 (quantization_config.quant_method "
                               f"'fp8', as DeepSeek-V3/R1 ship); {model_dir} is not one: use 'int8' or 'int4'")
-    try:
-        config = config_from_hf(hf)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{model_dir / 'config.json'}: {e}") from None
+    config = parse_config(hf, model_dir)
     dtype = resolve_dtype(dtype, hf)
     with torch.device("meta"):
         model = config.build()

@@ -220,8 +220,7 @@ class DispatchedExperts(LocalExperts):
         to = (owner[..., None] == torch.arange(W, device=x.device)).any(1)  # (T, W): token t goes to rank r
         dest, rows = to.t().nonzero(as_tuple=True)  # by destination rank, tokens in order within each
         counts = to.sum(0)
-        recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts, group=self.comm.group)
+        recv = self.comm.all_to_all_rows(counts, [1] * W, [1] * W)  # each rank's count for this one
         send, recv = counts.tolist(), recv.tolist()
         mine = owner[rows] == dest[:, None]  # (S, k): the pairs each sent row runs on its destination
         local = torch.where(mine, ids[rows] - dest[:, None] * n, -1).to(ids.dtype)
@@ -287,9 +286,9 @@ def _cols(linear: nn.Module, start: int, stop: int, rank: int) -> None:
     linear.in_features = stop - start
 
 
-def _split(n: int, world_size: int, what: str, why: str = "") -> int:
+def _split(n: int, world_size: int, what: str) -> int:
     if n % world_size:
-        raise ValueError(f"{what}={n} is not divisible by world_size={world_size}{why}")
+        raise ValueError(f"{what}={n} is not divisible by world_size={world_size}")
     return n // world_size
 
 
@@ -304,14 +303,11 @@ def check_shardable(model: CausalLM, world_size: int, experts: str, attention: s
     if attention == "dp":
         if experts != "ep":
             raise ValueError("data-parallel attention splits the routed experts by expert: experts='ep'")
-        moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+        moes = [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
         if not moes:
             raise ValueError("data-parallel attention needs a MoE model: a dense one would be W replicas")
-        for i, moe in enumerate(moes):
-            if type(moe.experts) is not Experts:
-                raise TypeError(f"cannot shard experts of type {type(moe.experts).__name__} (shard before "
-                                "quantizing or offloading)")
-            _split(moe.experts.gate_up_proj.shape[0], world_size, f"MoE layer {i}: number of routed experts")
+        for i, moe in moes:
+            _check_experts(i, moe, world_size, experts)
         return
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -337,14 +333,7 @@ def check_shardable(model: CausalLM, world_size: int, experts: str, attention: s
         if isinstance(mlp, GatedMLP):
             mlps.append(("intermediate_size", mlp))
         elif isinstance(mlp, MoE):
-            if type(mlp.experts) is not Experts:
-                raise TypeError(f"layer {i}: cannot shard experts of type {type(mlp.experts).__name__} (shard "
-                                "before quantizing or offloading)")
-            E, two_i, _ = mlp.experts.gate_up_proj.shape
-            if experts == "tp":
-                _split(two_i // 2, world_size, f"layer {i}: moe_intermediate_size")
-            else:
-                _split(E, world_size, f"layer {i}: number of routed experts")
+            _check_experts(i, mlp, world_size, experts)
             for name in ("shared_experts", "shared_expert"):
                 if hasattr(mlp, name):
                     mlps.append((f"{name} intermediate size", getattr(mlp, name)))
@@ -358,6 +347,17 @@ def check_shardable(model: CausalLM, world_size: int, experts: str, attention: s
                 raise TypeError(f"layer {i}: cannot shard a {type(lin).__name__} (shard before quantizing)")
     if type(model.model.embed_tokens) is not nn.Embedding or type(model.lm_head) is not nn.Linear:
         raise TypeError("cannot shard the embedding / lm_head: expected nn.Embedding and nn.Linear")
+
+
+def _check_experts(i: int, moe: MoE, world_size: int, experts: str) -> None:
+    if type(moe.experts) is not Experts:
+        raise TypeError(f"layer {i}: cannot shard experts of type {type(moe.experts).__name__} (shard before "
+                        "quantizing or offloading)")
+    E, two_i, _ = moe.experts.gate_up_proj.shape
+    if experts == "tp":
+        _split(two_i // 2, world_size, f"layer {i}: moe_intermediate_size")
+    else:
+        _split(E, world_size, f"layer {i}: number of routed experts")
 
 
 def _shard_mlp(mlp: GatedMLP, rank: int, world_size: int) -> None:

@@ -222,26 +222,24 @@ class DataParallelBlocks:
     def usage(self) -> float:
         return sum(p.usage for p in self.pools) / len(self.pools)
 
-    def _choose(self, seq: Sequence) -> BlockManager:
-        """The pool a waiting sequence would be allocated from."""
-        r = min(range(len(self.pools)), key=lambda r: (not self.pools[r].can_allocate(seq), self.active[r],
-                                                        -self.pools[r].cached_prefix(seq),
-                                                        -self.pools[r].num_free_blocks))
-        return self.pools[r]
+    def _choose(self, seq: Sequence) -> int:
+        """The rank whose pool a waiting sequence would be allocated from."""
+        return min(range(len(self.pools)), key=lambda r: (not self.pools[r].can_allocate(seq), self.active[r],
+                                                           -self.pools[r].cached_prefix(seq),
+                                                           -self.pools[r].num_free_blocks))
 
     def cached_prefix(self, seq: Sequence) -> int:
-        return self._choose(seq).cached_prefix(seq)
+        return self.pools[self._choose(seq)].cached_prefix(seq)
 
     def prefix_pending(self, seq: Sequence) -> bool:
-        return self._choose(seq).prefix_pending(seq)
+        return self.pools[self._choose(seq)].prefix_pending(seq)
 
     def can_allocate(self, seq: Sequence) -> bool:
-        return self._choose(seq).can_allocate(seq)
+        return self.pools[self._choose(seq)].can_allocate(seq)
 
     def allocate(self, seq: Sequence) -> None:
-        pool = self._choose(seq)
-        pool.allocate(seq)
-        seq.dp_rank = self.pools.index(pool)
+        seq.dp_rank = self._choose(seq)
+        self.pools[seq.dp_rank].allocate(seq)
         self.active[seq.dp_rank] += 1
 
     def deallocate(self, seq: Sequence) -> None:

@@ -49,10 +49,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from mixr.checkpoint import load_model, read_config
+from mixr.checkpoint import load_model, parse_config, read_config
 from mixr.engine.model_runner import ModelRunner
 from mixr.layers.moe import set_dynamic_experts
-from mixr.models import config_from_hf
 from mixr.models.base import CausalLM
 from mixr.parallel import check_shardable, shard_model, shard_of
 
@@ -149,14 +148,10 @@ class Workers:
         cuda = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
         if cuda and torch.cuda.device_count() < W:
             raise ValueError(f"tensor_parallel_size={W} needs {W} GPUs; {torch.cuda.device_count()} are visible")
-        hf = read_config(model_dir)  # a missing directory or config.json: CheckpointError now
-        try:
-            model_config = config_from_hf(hf)
-        except (KeyError, TypeError, ValueError):
-            model_config = None  # load_model says what is wrong with the checkpoint
-        if model_config is not None:
-            with torch.device("meta"):  # sizes that do not shard fail here, before any worker starts
-                check_shardable(model_config.build(), W, config.parallel_experts, config.parallel_attention)
+        # a bad checkpoint directory (CheckpointError) or sizes that do not shard fail here, before any worker starts
+        with torch.device("meta"):
+            meta = parse_config(read_config(model_dir), model_dir).build()
+        check_shardable(meta, W, config.parallel_experts, config.parallel_attention)
         self.world_size = W
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         self._state = state = _State()
@@ -350,7 +345,7 @@ class DataParallelRunner(ParallelRunner):
         parts = self._parts(seqs)
         sizes = [[1 if counts is None else counts[i] for i in p] for p in parts]
         rows = max(sum(n) for n in sizes)
-        self.workers.send_each([(*_decode_message([seqs[i] for i in p], None if counts is None else n)[:2], rows)
+        self.workers.send_each([_decode_message([seqs[i] for i in p], None if counts is None else n, rows)
                                 for p, n in zip(parts[1:], sizes[1:])])
         with self.workers.step():
             out = self.runner.decode([seqs[i] for i in parts[0]], counts=None if counts is None else sizes[0],
@@ -377,11 +372,11 @@ class DataParallelRunner(ParallelRunner):
         return torch.tensor(at, device=self.runner.device)
 
 
-def _decode_message(seqs, counts: list[int] | None) -> tuple:
+def _decode_message(seqs, counts: list[int] | None, pad: int | None = None) -> tuple:
     """A decode step for the workers: one row per sequence at its last token, or counts[i] rows each."""
     if counts is None:
-        return ("decode", [(s.token_ids[-1], s.num_tokens, s.block_table) for s in seqs], None)
-    return ("rows", _chunks(seqs, counts), None)
+        return ("decode", [(s.token_ids[-1], s.num_tokens, s.block_table) for s in seqs], pad)
+    return ("rows", _chunks(seqs, counts), pad)
 
 
 def _chunks(seqs, counts: list[int]) -> list[tuple]:

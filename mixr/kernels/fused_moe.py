@@ -834,7 +834,8 @@ def fused_moe_quant(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantTenso
 
 # From this many tokens on, fused_moe_quant dequantizes all experts (their dense copy up to DEQUANT_MAX_BYTES) and runs
 # the bf16 kernels: the quantized grouped GEMMs dequantize every weight tile once per token block, which grows with the
-# tokens. One V2-Lite MoE layer on an H100 (bench_quant_kernels.py --only moe, quant-kernels-moe-prefill-h100-*):
+# tokens. One V2-Lite MoE layer on an H100 (bench_quant_kernels.py --only moe, quant-kernels-moe-prefill-h100-*, with
+# the 32- and 64-row tiles of before moe_quant_config's 16-row ones; not remeasured since):
 # int4 at 256 / 512 / 4096 / 8192 tokens 595 / 1538 / 9260 / 17820 us in the loop, 945 / 995 / 1487 / 2273 us
 # dequantized (bf16: 402 / 458 / 1046 / 1809); int8 2018 against 1567 at 4096, but 1105 against 1201 at 2048.
 DEQUANT_MIN_T = {4: 512, 8: 4096}
