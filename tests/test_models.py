@@ -119,12 +119,12 @@ def test_mla_fused_input_projections(name, checkpoint):
     finally:
         torch.nn.functional.linear = handle
     assert rel_err(got, ref) < 1e-6
-    fused_rows = attns[0]._fused_in.shape[0]
+    fused_rows = attns[0]._fused_in["weight"].shape[0]
     assert calls.count(torch.Size((fused_rows, 64))) == len(attns)  # one fused GEMM per layer ran
     q = attns[0]._input_linears()[0]
     with torch.no_grad():
         q.weight.copy_(q.weight.roll(1, 0))  # an in-place update (LLM.update_weights) reaches the fused weight
-        assert torch.equal(attns[0]._fused_in[:q.out_features], q.weight)
+        assert torch.equal(attns[0]._fused_in["weight"][:q.out_features], q.weight)
         changed = model(ids)
     assert rel_err(changed, ref) > 1e-3
     model(ids).sum().backward()  # grad mode: the separate linears, so gradients reach the parameters

@@ -281,6 +281,39 @@ def test_llm_quantizes_on_load(v3):
         assert res.token_ids == greedy(ref, prompt, 10)
 
 
+@pytest.mark.parametrize("bits,zero_point", [(4, True), (4, False), (8, False)])
+def test_mla_fused_input_projections_quantized(v3, bits, zero_point, monkeypatch):
+    """Quantized MLA: the two QuantLinears that read x run as one quant_linear over their row-concatenated packed
+    weights, with the logits of the separate ones; in-place updates of a packed buffer reach the fused copy."""
+    from mixr.layers import mla
+    model = load_model(v3, dtype=torch.float32)
+    quantize_model(model, bits=bits, group_size=32, zero_point=zero_point)
+    ids = ids_for(2, 10)
+    with torch.no_grad():
+        ref = model(ids)
+    buffers, keys = dict(model.named_buffers()), set(model.state_dict())
+    attns = [m for m in model.modules() if isinstance(m, mla.MLAttention)]
+    assert all(a.fuse_input_projections() for a in attns)
+    assert set(attns[0]._fused_in) == {"qweight", "scales"} | ({"zeros"} if zero_point else set())
+    assert dict(model.named_buffers()).keys() == buffers.keys() and set(model.state_dict()) == keys
+    assert all(model.get_buffer(k) is v for k, v in buffers.items())  # same objects, now views
+    calls = []
+    real = mla.quant_linear
+    monkeypatch.setattr(mla, "quant_linear", lambda x, w, *a: calls.append(w.shape[0]) or real(x, w, *a))
+    with torch.no_grad():
+        got = model(ids)
+    assert (got - ref).norm() / ref.norm() < 1e-6
+    q, kv = attns[0]._input_linears()
+    assert calls == [q.out_features + kv.out_features] * len(attns)  # one fused projection per layer
+    with torch.no_grad():
+        for a in attns:  # an in-place update of a packed buffer reaches the fused copy
+            kv_scales = a._input_linears()[1].scales
+            kv_scales.copy_(kv_scales.roll(1, 0))
+        changed = model(ids)
+    assert (changed - ref).norm() / ref.norm() > 1e-3
+    assert torch.equal(attns[0]._fused_in["scales"][q.out_features:], kv.scales)
+
+
 def test_int8_tracks_the_full_precision_model(v3):
     full, q8 = load_model(v3), load_model(v3, quantization="int8")
     ids = ids_for(2, 32, seed=3)

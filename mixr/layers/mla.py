@@ -12,9 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixr.kernels.quant_gemm import quant_linear
 from mixr.layers.attention import causal_attention
 from mixr.layers.norm import RMSNorm
 from mixr.layers.rotary import apply_rope_qk
+from mixr.quant.modules import QuantLinear
+
+
+def _fusable(a: nn.Module, b: nn.Module) -> list[str] | None:
+    """The tensors to concatenate by rows to run linears a and b as one: both bias-free plain nn.Linear on one dtype
+    and device (weight), or both bias-free QuantLinears in one format (qweight, scales and any zeros)."""
+    if a.bias is not None or b.bias is not None:
+        return None
+    if type(a) is type(b) is nn.Linear:
+        same = (a.weight.dtype, a.weight.device) == (b.weight.dtype, b.weight.device)
+        return ["weight"] if same else None
+    if type(a) is type(b) is QuantLinear and a.spec == b.spec and a.scales.dtype == b.scales.dtype \
+            and a.qweight.device == b.qweight.device:
+        return ["qweight", "scales"] + (["zeros"] if a.spec.zero_point else [])
+    return None
 
 
 class MLAttention(nn.Module):
@@ -41,18 +57,23 @@ class MLAttention(nn.Module):
 
     def fuse_input_projections(self) -> bool:
         """For inference: one GEMM instead of two for the projections that read x (q_proj, or q_a_proj with a
-        q_lora_rank, and kv_a_proj_with_mqa), vLLM's fused_qkv_a_proj. Their weights become the row blocks of one
-        tensor; the parameters stay (as views of it, same objects, same names), so in-place weight updates reach
-        it. Returns False, changing nothing, unless both are bias-free plain nn.Linear on one dtype and device.
-        The forward uses the fused weight only while the parameters still view it (not after `.to()`, say), with
-        no gradients wanted and no hooks on either module."""
+        q_lora_rank, and kv_a_proj_with_mqa), vLLM's fused_qkv_a_proj. Their weights (or, for two QuantLinears in
+        one format, their packed qweight / scales / zeros) become the row blocks of one tensor; the modules keep
+        theirs as views of it (same objects, same names), so in-place weight updates reach it. Returns False,
+        changing nothing, unless both are bias-free plain nn.Linear on one dtype and device, or both such
+        QuantLinears. The forward uses the fused tensors only while the modules' tensors still view them (not after
+        `.to()`, say), with no gradients wanted and no hooks on either module."""
         q, kv = self._input_linears()
-        if not (all(type(m) is nn.Linear and m.bias is None for m in (q, kv))
-                and (q.weight.dtype, q.weight.device) == (kv.weight.dtype, kv.weight.device)):
+        names = _fusable(q, kv)
+        if names is None:
             return False
-        w = torch.cat((q.weight.detach(), kv.weight.detach()))
-        q.weight.data, kv.weight.data = w[:q.out_features], w[q.out_features:]
-        self._fused_in = w
+        fused = {}
+        for name in names:
+            a, b = getattr(q, name), getattr(kv, name)
+            w = torch.cat((a.detach(), b.detach()))
+            a.data, b.data = w[:a.shape[0]], w[a.shape[0]:]  # .data: the Parameter / buffer objects stay
+            fused[name] = w
+        self._fused_in = fused
         return True
 
     def _input_linears(self) -> tuple[nn.Module, nn.Module]:
@@ -60,12 +81,17 @@ class MLAttention(nn.Module):
 
     def _project_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, kv = self._input_linears()
-        w = self._fused_in
-        if (w is not None and q.weight.data_ptr() == w.data_ptr()
-                and kv.weight.data_ptr() == w.data_ptr() + q.weight.numel() * w.element_size()
-                and not (torch.is_grad_enabled() and (q.weight.requires_grad or kv.weight.requires_grad))
+        fused = self._fused_in
+        if (fused is not None
+                and all(getattr(q, n).data_ptr() == w.data_ptr()
+                        and getattr(kv, n).data_ptr() == w.data_ptr() + getattr(q, n).nbytes for n, w in fused.items())
+                and not (torch.is_grad_enabled() and any(p.requires_grad for p in (*q.parameters(), *kv.parameters())))
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in (q, kv))):
-            return F.linear(x, w).split((q.out_features, kv.out_features), dim=-1)  # strided views
+            if "weight" in fused:
+                y = F.linear(x, fused["weight"])
+            else:
+                y = quant_linear(x, fused["qweight"], fused["scales"], fused.get("zeros"), q.spec.bits)
+            return y.split((q.out_features, kv.out_features), dim=-1)  # strided views
         return q(x), kv(x)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
