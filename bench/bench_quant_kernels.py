@@ -7,7 +7,11 @@ Shapes (DeepSeek-V2-Lite): dense q_proj 3072x2048, o_proj 2048x2048, kv_a 576x20
 5632x2048 and down 2048x2816 at M = 1, 8, 32, 256: F.linear (bf16) vs quant_linear int8 (per channel) and int4
 (g128, symmetric); routed experts E=64, H=2048, I=1408, top-6 at T = 1, 8, 32, 256: fused_moe (bf16) vs
 fused_moe_quant int8 / int4 g128; fp8_block_linear vs bf16 F.linear at M = 1, 64, 2048 (V2-Lite o_proj and two
-DeepSeek-V3 shapes); paged decode attention over an e4m3 cache vs bf16 (V2-Lite MLA, Qwen3 GQA).
+DeepSeek-V3 shapes); paged decode attention over an e4m3 cache vs bf16 (V2-Lite MLA, Qwen3 GQA). --dense-shapes,
+--dense-m and --kinds pick others: q_kv_a (3648x2048) is q_proj and kv_a as the engine runs them, one GEMV; int4_g64
+is the group V2-Lite's int4 checkpoints get (its dense MLP is 10944 wide).
+
+    --only dense --sweep --dense-shapes q_kv_a,o_proj,shared_down --dense-m 1,2 --kinds int8,int4_g64
 
 Timing as bench_kernels.py: each call is captured in a CUDA graph with the same call on other "layers" (separate
 weights), so the bytes per replay exceed L2, and replayed between CUDA events. GB/s = bytes that must be read
@@ -48,7 +52,7 @@ f8 = importlib.import_module("mixr.kernels.fp8")
 DEV = "cuda"
 L2_BYTES = 50e6
 DENSE = {"q_proj": (3072, 2048), "o_proj": (2048, 2048), "kv_a": (576, 2048), "shared_gate_up": (5632, 2048),
-         "shared_down": (2048, 2816)}
+         "shared_down": (2048, 2816), "q_kv_a": (3648, 2048)}  # q_kv_a: q_proj and kv_a as one, as the engine runs them
 DENSE_M = [1, 8, 32, 256]
 MOE = dict(E=64, k=6, H=2048, I=1408)
 FP8 = {"v2lite_o_proj": (2048, 2048), "v3_shared_down": (7168, 2048), "v3_q_b": (24576, 1536)}
@@ -56,7 +60,7 @@ FP8_M = [1, 64, 2048]
 ATTN = {"v2-lite-mla": dict(Hq=16, Hkv=1, Dk=576, Dv=512, mla=True),
         "qwen3-gqa": dict(Hq=32, Hkv=4, Dk=128, Dv=128, mla=False)}
 ATTN_SHAPES = [(1, 4096), (32, 1024), (128, 1024), (256, 2048)]
-KINDS = {"int8": (8, None), "int4_g128": (4, 128)}
+KINDS = {"int8": (8, None), "int4_g128": (4, 128), "int4_g64": (4, 64)}  # V2-Lite's own int4 group: 64
 DEADLINE = [math.inf]
 
 
@@ -126,10 +130,11 @@ def dense_candidates(M):
         if bm <= max(16, 2 * M)]
 
 
-def bench_dense(results, ceil_bw, do_sweep):
+def bench_dense(results, ceil_bw, do_sweep, shapes, ms, kinds):
     gen = torch.Generator(device=DEV).manual_seed(0)
-    for name, (N, K) in DENSE.items():
-        for M in DENSE_M:
+    for name in shapes:
+        N, K = DENSE[name]
+        for M in ms:
             if time_left() < 20:
                 log(f"dense {name} M={M}: skipped (time budget)")
                 continue
@@ -142,7 +147,8 @@ def bench_dense(results, ceil_bw, do_sweep):
             record(results, dict(base, kind="bf16", us=us, bytes=N * K * 2 + act_bytes), ceil_bw)
             bf16_us = us
             del ws
-            for kind, (bits, G) in KINDS.items():
+            for kind in kinds:
+                bits, G = KINDS[kind]
                 per = N * K * bits / 8
                 qs = quantized(N, K, bits, G, layers_for(per), gen)
                 ref = quant_linear_ref(x.float(), qs[0][0], qs[0][1].float(), None, bits)
@@ -184,14 +190,14 @@ def moe_candidates(T):
     return gemv + [fm._qgemm(16, t, t) for t in tiles] + [fm._qgemm(16, (64, 128, 8, 4, 4), (128, 128, 8, 4, 3))]
 
 
-def bench_moe(results, ceil_bw, do_sweep, tokens):
+def bench_moe(results, ceil_bw, do_sweep, tokens, kinds):
     E, k, H, I = MOE["E"], MOE["k"], MOE["H"], MOE["I"]
     gen = torch.Generator(device=DEV).manual_seed(1)
     n_layers = 3
     gu = [(torch.randn(E, 2 * I, H, device=DEV, generator=gen) / H**0.5).bfloat16() for _ in range(n_layers)]
     dn = [(torch.randn(E, H, I, device=DEV, generator=gen) / I**0.5).bfloat16() for _ in range(n_layers)]
     quant = {kind: [(quantized(E * 2 * I, H, bits, G, 1, gen)[0], quantized(E * H, I, bits, G, 1, gen)[0])
-                    for _ in range(n_layers)] for kind, (bits, G) in KINDS.items()}
+                    for _ in range(n_layers)] for kind in kinds for bits, G in [KINDS[kind]]}
     quant = {kind: [tuple(tuple(t.view(E, -1, t.shape[-1]) if t is not None else None for t in q) for q in layer)
                     for layer in layers] for kind, layers in quant.items()}
     for T in tokens:
@@ -209,7 +215,8 @@ def bench_moe(results, ceil_bw, do_sweep, tokens):
         bf16_us = us
         record(results, dict(base, kind="bf16", us=us, rel_err=err, bytes=distinct * 3 * H * I * 2 + act_bytes),
                ceil_bw)
-        for kind, (bits, G) in KINDS.items():
+        for kind in kinds:
+            bits, G = KINDS[kind]
             layers = quant[kind]
             (gq, gs, _), (dq, ds, _) = layers[0]
             ref = fused_moe_quant_ref(xs[0].float(), (gq, gs.float(), None), (dq, ds.float(), None), *routes[0], bits)
@@ -331,6 +338,11 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time candidate tile configs")
     ap.add_argument("--only", default="", help="comma list of: dense, moe, fp8, attention")
     ap.add_argument("--moe-tokens", default="1,8,32,256", help="the MoE's token counts")
+    ap.add_argument("--dense-shapes", default="q_proj,o_proj,kv_a,shared_gate_up,shared_down",
+                    help=f"comma list of: {', '.join(DENSE)}")
+    ap.add_argument("--dense-m", default=",".join(map(str, DENSE_M)), help="the dense layers' row counts")
+    ap.add_argument("--kinds", default="int8,int4_g128",
+                    help=f"dense and MoE formats, comma list of: {', '.join(KINDS)}")
     args = ap.parse_args()
     moe_tokens = [int(t) for t in args.moe_tokens.split(",")]
     DEADLINE[0] = time.time() + args.budget
@@ -341,8 +353,10 @@ def main():
     log(f"{report['device']}: copy {report['copy_bandwidth_GBps']:.0f} GB/s")
 
     failed = False
-    for stage, fn in (("dense", lambda r: bench_dense(r, ceil_bw, args.sweep)),
-                      ("moe", lambda r: bench_moe(r, ceil_bw, args.sweep, moe_tokens)),
+    kinds = args.kinds.split(",")
+    dense = (args.dense_shapes.split(","), [int(m) for m in args.dense_m.split(",")], kinds)
+    for stage, fn in (("dense", lambda r: bench_dense(r, ceil_bw, args.sweep, *dense)),
+                      ("moe", lambda r: bench_moe(r, ceil_bw, args.sweep, moe_tokens, kinds)),
                       ("fp8", lambda r: bench_fp8(r, ceil_bw)), ("attention", lambda r: bench_attention(r, ceil_bw))):
         if only and stage not in only:
             continue

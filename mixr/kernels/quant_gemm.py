@@ -356,9 +356,13 @@ def _gemm(bm, bn, bk=128, group_m=8, warps=4, stages=3, waves=2, min_steps=4):
 # Past GEMV_MAX_M rows (int8) or 16 rows (int4), the weight is dequantized to a bf16/fp16 temporary and multiplied
 # by cuBLAS ("dequant"): the in-loop dequantization (several ALU ops per weight, per row tile) then costs more than
 # writing and reading the dense copy once (H100, o_proj 2048x2048: M=256 int4 in-loop 41 us, dequant 11.5 us).
+# GEMV tiles: the best sum over V2-Lite's q_kv_a, o_proj and shared_down at M = 1 and 2 (H100, int4 g64; bench_quant_
+# kernels.py --only dense --sweep ..., quant-kernels-dense-sweep-h100-2026-11-24.json). int4 at M = 1: 6.4 / 4.7 / 5.7
+# us with 16 rows and 8 warps against 6.7 / 4.9 / 6.1 with 8 rows and 4 warps; int8 with 8 rows: 6.7-7.1 / 5.0 / 6.0
+# against 7.3 / 4.9 / 6.0 with 4, and 9.7-9.8 / 6.6 / 8.3 against 10.6 / 7.1 / 8.9 at M = 2.
 def quant_config(M: int, N: int, K: int, bits: int) -> dict:
     if M <= GEMV_MAX_M:
-        return _gemv(8, 1024, waves=8) if bits == 4 else _gemv(4, 1024, waves=8)
+        return _gemv(16, 1024, warps=8, waves=4) if bits == 4 else _gemv(8, 1024, waves=8)
     if M <= 16 and bits == 4:
         return _gemm(16, 64, stages=4)
     return dict(path="dequant")
