@@ -367,6 +367,12 @@ def _shard_mlp(mlp: GatedMLP, rank: int, world_size: int) -> None:
     _cols(mlp.down_proj, rank * n, (rank + 1) * n, rank)
 
 
+def _first_kv_head(rank: int, world_size: int, kv_heads: int) -> int:
+    """The first KV head rank keeps: its block of kv_heads / world_size, or, with fewer KV heads than ranks, the one
+    head it shares with world_size / kv_heads ranks (what _shard_attention keeps and shard_of cuts)."""
+    return rank * (kv_heads // world_size) if kv_heads >= world_size else rank // (world_size // kv_heads)
+
+
 def _shard_attention(attn: nn.Module, rank: int, world_size: int) -> None:
     H = attn.num_heads // world_size
     if isinstance(attn, Attention):
@@ -374,7 +380,7 @@ def _shard_attention(attn: nn.Module, rank: int, world_size: int) -> None:
         # q head h reads KV head h // (heads per KV head): a contiguous block of q heads reads a contiguous block
         # of KV heads, so both split the same way. With fewer KV heads than ranks (Qwen3-235B's 4 on 8 GPUs, as
         # vLLM does it) rank r keeps the one KV head its q heads read, which world_size / num_kv_heads ranks share.
-        first = rank * KV if attn.num_kv_heads >= world_size else rank // (world_size // attn.num_kv_heads)
+        first = _first_kv_head(rank, world_size, attn.num_kv_heads)
         _rows(attn.q_proj, rank * H * D, (rank + 1) * H * D)
         _rows(attn.k_proj, first * D, (first + KV) * D)
         _rows(attn.v_proj, first * D, (first + KV) * D)
@@ -419,7 +425,7 @@ def shard_of(name: str, full: torch.Tensor, shape: torch.Size, rank: int, world_
     if name.rpartition(".")[0].endswith(("k_proj", "v_proj")) and axes == [0] and full.shape[0] % shape[0] == 0:
         heads = full.shape[0] // shape[0]  # KV heads (one per rank) fewer than ranks: replicated (_shard_attention)
         if heads < world_size and world_size % heads == 0:
-            return full.narrow(0, rank // (world_size // heads) * shape[0], shape[0])
+            return full.narrow(0, _first_kv_head(rank, world_size, heads) * shape[0], shape[0])
     if full.dim() != len(shape) or len(axes) != 1 or -(-full.shape[axes[0]] // world_size) != shape[axes[0]]:
         raise ValueError(f"{name} has shape {tuple(full.shape)}, which is not the whole of this "
                          f"rank's shard {tuple(shape)} (world_size {world_size})")

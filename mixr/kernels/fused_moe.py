@@ -823,13 +823,13 @@ def fused_moe_quant(x: torch.Tensor, gate_up_q: QuantTensors, down_q: QuantTenso
         fast = False
     if not fast:
         out = fused_moe_quant_ref(x, gate_up_q, down_q, topk_ids, topk_weights, bits)
-        return out if shared is None else out + shared_mlp_quant(x, shared, bits)
-    if config is None and T >= DEQUANT_MIN_T[bits] and 3 * E * H * I * x.element_size() <= DEQUANT_MAX_BYTES:
+    elif config is None and T >= DEQUANT_MIN_T[bits] and 3 * E * H * I * x.element_size() <= DEQUANT_MAX_BYTES:
         # prefill: every expert dequantized once, then the bf16 grouped GEMMs (as quant_linear's "dequant" path)
         out = fused_moe(x, _dequantized(gate_up_q, bits, x.dtype), _dequantized(down_q, bits, x.dtype), topk_ids,
                         topk_weights)
-        return out if shared is None else out + shared_mlp_quant(x, shared, bits)
-    return fused_moe_quant_triton(x, gate_up_q, down_q, topk_ids, topk_weights, bits, config, shared)
+    else:
+        return fused_moe_quant_triton(x, gate_up_q, down_q, topk_ids, topk_weights, bits, config, shared)
+    return out if shared is None else out + shared_mlp_quant(x, shared, bits)
 
 
 # From this many tokens on, fused_moe_quant dequantizes all experts (their dense copy up to DEQUANT_MAX_BYTES) and runs
