@@ -2,7 +2,8 @@
 hidden 2048, expert width 1408, two shared slices run in the same kernels, as the engine runs them).
 
 Coordinate descent per (format, T): the gate+up tile (UP_N, UP_K, warps) with the current down tile, then the
-down tile (DOWN_N, DOWN_K). Every candidate is checked against `fused_moe_ref` / `fused_moe_quant_ref` (+ the
+down tile (DOWN_N, DOWN_K, DOWN_WARPS); --warps limits the warp counts tried, --dot sweeps the tensor-core GEMVs
+(and their pipeline depth) instead. Every candidate is checked against `fused_moe_ref` / `fused_moe_quant_ref` (+ the
 shared expert) before it is timed; timing is bench_kernels.time_graph over 3 layers of separate weights (more bytes
 than L2 holds). Prints JSON (and writes --out); the best tiles go into mixr.kernels.fused_moe.MOE_CONFIGS (bf16) and
 moe_quant_config.
@@ -26,7 +27,10 @@ fm = importlib.import_module("mixr.kernels.fused_moe")
 E, K_TOP, H, I, S = 64, 6, 2048, 1408, 2
 FORMATS = {"bf16": None, "int4_g64": QuantSpec(4, 64), "int4_g128": QuantSpec(4, 128), "int8": QuantSpec(8)}
 UP = [(n, k, w) for n, k, w in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (1, 2, 4, 8))]
-DOWN = [(n, k) for n, k in itertools.product((4, 8, 16, 32, 64), (128, 256, 512))]
+DOWN = [(n, k, w) for n, k, w in itertools.product((4, 8, 16, 32, 64), (128, 256, 512), (1, 2, 4))]
+# --dot: the GEMVs on the tensor cores (DOT), 16-row-padded, whose loads are pipelined over num_stages buffers
+UP_DOT = [(n, k, w, st) for n, k, w, st in itertools.product((16, 32, 64), (128, 256), (4, 8), (3, 4, 5))]
+DOWN_DOT = [(n, k, w) for n, k, w in itertools.product((16, 32, 64, 128), (128, 256), (4, 8))]
 
 
 def f32(q: tuple) -> tuple:
@@ -38,10 +42,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="int4_g64,int8")
     ap.add_argument("--tokens", default="1,8")
+    ap.add_argument("--dot", action="store_true", help="sweep the tensor-core GEMVs (DOT) instead")
+    ap.add_argument("--warps", default="1,2,4,8", help="warp counts the sweep tries")
     ap.add_argument("--budget", type=float, default=500, help="seconds; stops sweeping past it")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     t_end = time.perf_counter() + args.budget
+    warps = {int(w) for w in args.warps.split(",")}
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(), "shape": dict(E=E, k=K_TOP, H=H, I=I, shared_slices=S), "runs": []}
     for name in args.formats.split(","):
@@ -85,12 +92,19 @@ def main() -> None:
                                                                                  spec.group_size or 0)
             run = {"format": name, "T": T, "start": dict(cur), "tried": []}
             run["start_us"] = best_us = measure(cur)[0]
-            for stage, cands in (("up", UP), ("down", DOWN)):
+            if args.dot and spec is not None:
+                cur, best_us = dict(cur, DOT=True), float("inf")
+            up, down = (UP_DOT, DOWN_DOT) if args.dot and spec is not None else (UP, DOWN)
+            for stage, cands in (("up", up), ("down", down)):
                 for c in cands:
                     if time.perf_counter() > t_end:
                         break
+                    if c[2] not in warps:
+                        continue
                     cfg = dict(cur, UP_N=c[0], UP_K=c[1], num_warps=c[2]) if stage == "up" else \
-                        dict(cur, DOWN_N=c[0], DOWN_K=c[1])
+                        dict(cur, DOWN_N=c[0], DOWN_K=c[1], DOWN_WARPS=c[2])
+                    if len(c) == 4:
+                        cfg["num_stages"] = c[3]
                     g = spec.group_size if spec is not None and spec.bits == 4 else 1
                     if cfg["UP_K"] % g or cfg["DOWN_K"] % g:
                         continue

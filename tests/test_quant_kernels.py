@@ -371,9 +371,10 @@ def test_fused_moe_quant_shared_reference(kind):
 @pytest.mark.skipif(not (INTERPRET or CUDA), reason="needs TRITON_INTERPRET=1 and triton, or CUDA")
 @pytest.mark.parametrize("kind", list(QUANT_KINDS))
 @pytest.mark.parametrize("T,S", [(1, 2), (3, 1)])
-def test_fused_moe_quant_gemv_runs_shared_expert(kind, T, S):
+@pytest.mark.parametrize("dot", [False, True], ids=["fma", "dot"])
+def test_fused_moe_quant_gemv_runs_shared_expert(kind, T, S, dot):
     """The shared expert as S more pairs per token in the quantized GEMV kernels (and a skipped routed pair), the
-    last pair of each token to finish summing them."""
+    last pair of each token to finish summing them; on FMAs and on the tensor cores (the token padded to 16 rows)."""
     bits, G, zp = QUANT_KINDS[kind]
     dev, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float16)
     args, (gu64, dn64) = moe_quant_inputs(T, 8, 3, 256, 128, bits, G, zp, dtype, dev, seed=T)
@@ -381,7 +382,8 @@ def test_fused_moe_quant_gemv_runs_shared_expert(kind, T, S):
     x, _, _, ids, w = args
     want = moe_float64(x.cpu(), gu64, dn64, ids.cpu(), w.cpu()) + f64(x)
     for _ in range(2):  # the arrival counters are zero again after a call
-        out = fm.fused_moe_quant_triton(*args, bits, fm._qgemv(8, 128, 16, 128), shared=shared)
+        cfg = fm._qgemv(16, 128, 32, 128, dot=True, stages=2) if dot else fm._qgemv(8, 128, 16, 128)
+        out = fm.fused_moe_quant_triton(*args, bits, cfg, shared=shared)
         assert out.shape == x.shape and rel_err(out.cpu(), want) < 1e-2
 
 

@@ -18,7 +18,8 @@ CUDA path (Triton, bf16/fp16 activations), dequantizing inside the K loop, no ho
 Integers become floats by bit tricks rather than int->float conversions (16 per clock per SM, which would bound
 the int4 GEMV): OR-ing q into the mantissa of 2^23 and subtracting 2^23, or shifting a nibble into the top of the
 mantissa of 1.0, which gives 1 + q/16 and leaves the offsets to a per-group correction.
-The jit helpers `qgemv_rows` and `qmm_loop` are shared with the quantized fused MoE (mixr.kernels.fused_moe).
+The jit helpers `qgemv_rows` and `qmm_loop` are shared with the quantized fused MoE (mixr.kernels.fused_moe), whose
+int8 small-batch GEMVs run `qgemv_rows` with DOT: through `qmm_loop` on the tensor cores.
 """
 
 import torch
@@ -107,9 +108,18 @@ if HAS_TRITON:
     @triton.jit
     def qgemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, stride_wn, stride_sn, stride_zn, k_start, k_end,
                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         # sum over k in [k_start, k_end) of dequant(W)[rows, k] * x[k] -> (BLOCK_N,) fp32.
         # rows: (BLOCK_N,) int64, all in range (callers wrap them); w/s/z_ptr: this matrix's (expert's) base.
+        # DOT: on the tensor cores instead, x padded to 16 rows (15 masked, never loaded) through qmm_loop, whose
+        # loads the compiler pipelines over num_stages buffers (BLOCK_N >= 16). For int8 MoE experts at 1-8 tokens
+        # on an H100 this beats the FMA loop below; the int4 qmm_loop, one group per step, does not (see
+        # fused_moe.moe_quant_config).
+        if DOT:
+            m = tl.arange(0, 16)
+            acc2 = qmm_loop(x_ptr + m * 0, m == 0, w_ptr, s_ptr, z_ptr, rows, stride_wn, stride_sn, stride_zn,
+                            k_start, k_end, tl.zeros((16, BLOCK_N), tl.float32), BITS, GROUP, HAS_Z, BLOCK_K)
+            return tl.sum(tl.where((m == 0)[:, None], acc2, 0.0), 0)
         # int4: k_start, k_end and BLOCK_K are multiples of GROUP; a tile is (BLOCK_N, BLOCK_K // GROUP groups,
         # GROUP // 2 bytes), masked by whole groups, so the loads stay 16-byte vectors.
         # Each step loads the next step's tiles before computing on the current ones (a register double buffer):
@@ -224,7 +234,7 @@ if HAS_TRITON:
         k_start = split * steps_per_split * BLOCK_K
         acc = qgemv_rows(x_ptr + m * stride_xm, w_ptr, s_ptr, z_ptr, rows, stride_wn, stride_sn, stride_zn,
                          k_start, tl.minimum(k_start + steps_per_split * BLOCK_K, K), BITS, GROUP, HAS_Z,
-                         BLOCK_N, BLOCK_K)
+                         BLOCK_N, BLOCK_K, False)
         if PARTIAL:  # fp32 partial (splits, M, N); the reduce kernel adds the bias
             tl.store(out_ptr + split * stride_os + m * stride_om + offs_n, acc, mask=offs_n < N)
         else:
