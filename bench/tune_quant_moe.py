@@ -92,9 +92,9 @@ def main() -> None:
                                                                                  spec.group_size or 0)
             run = {"format": name, "T": T, "start": dict(cur), "tried": []}
             run["start_us"] = best_us = measure(cur)[0]
-            if args.dot and spec is not None:
-                cur, best_us = dict(cur, DOT=True), float("inf")
-            up, down = (UP_DOT, DOWN_DOT) if args.dot and spec is not None else (UP, DOWN)
+            up, down = UP, DOWN
+            if args.dot and spec is not None:  # the best tensor-core tiles, whatever the shipped ones take
+                cur, best_us, up, down = dict(cur, DOT=True), float("inf"), UP_DOT, DOWN_DOT
             for stage, cands in (("up", up), ("down", down)):
                 for c in cands:
                     if time.perf_counter() > t_end:
