@@ -120,9 +120,12 @@ def sweep(measure, candidates, best_us):
 # ---------------------------------------------------------------------------------------------------- dense
 def dense_candidates(M):
     if M <= qg.GEMV_MAX_M:
-        return [qg._gemv(bn, bk, w, waves) for bn, bk, w, waves in
-                ((8, 512, 4, 8), (16, 512, 4, 4), (16, 1024, 4, 4), (16, 1024, 8, 4), (32, 512, 8, 4), (8, 1024, 4, 8),
-                 (16, 1024, 4, 8), (32, 1024, 8, 2), (4, 1024, 4, 8))]
+        return [qg._gemv(bn, bk, w, waves, pipe=p) for bn, bk, w, waves, p in
+                ((8, 512, 4, 8, 1), (16, 512, 4, 4, 1), (16, 1024, 4, 4, 1), (16, 1024, 8, 4, 1), (32, 512, 8, 4, 1),
+                 (8, 1024, 4, 8, 1), (16, 1024, 4, 8, 1), (32, 1024, 8, 2, 1), (4, 1024, 4, 8, 1),
+                 # the K loop's loads pipelined over PIPE cp.async buffers (smaller steps with more buffers were
+                 # slower at V2-Lite's shapes)
+                 (16, 1024, 8, 4, 2), (8, 1024, 4, 8, 2))]
     return [dict(path="dequant")] + [
         qg._gemm(bm, bn, bk, gm, w, st, waves) for bm, bn, bk, gm, w, st, waves in
         ((16, 64, 128, 1, 4, 4, 2), (16, 128, 128, 1, 4, 4, 2), (16, 32, 128, 1, 4, 4, 4), (32, 64, 128, 1, 4, 3, 2),

@@ -2,8 +2,9 @@
 hidden 2048, expert width 1408, two shared slices run in the same kernels, as the engine runs them).
 
 Coordinate descent per (format, T): the gate+up tile (UP_N, UP_K, warps) with the current down tile, then the
-down tile (DOWN_N, DOWN_K, DOWN_WARPS); --warps limits the warp counts tried, --dot sweeps the tensor-core GEMVs
-(and their pipeline depth) instead. Every candidate is checked against `fused_moe_ref` / `fused_moe_quant_ref` (+ the
+down tile (DOWN_N, DOWN_K, DOWN_WARPS); --warps limits the warp counts tried, --pipes the FMA loops' load pipeline
+depths (PIPE; 1 is the register double buffer), --dot sweeps the tensor-core GEMVs (and their pipeline depth)
+instead. Every candidate is checked against `fused_moe_ref` / `fused_moe_quant_ref` (+ the
 shared expert) before it is timed; timing is bench_kernels.time_graph over 3 layers of separate weights (more bytes
 than L2 holds). Prints JSON (and writes --out); the best tiles go into mixr.kernels.fused_moe.MOE_CONFIGS (bf16) and
 moe_quant_config.
@@ -44,11 +45,13 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--dot", action="store_true", help="sweep the tensor-core GEMVs (DOT) instead")
     ap.add_argument("--warps", default="1,2,4,8", help="warp counts the sweep tries")
+    ap.add_argument("--pipes", default="1", help="FMA GEMV loop depths (PIPE: cp.async buffers) the sweep tries")
     ap.add_argument("--budget", type=float, default=500, help="seconds; stops sweeping past it")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     t_end = time.perf_counter() + args.budget
     warps = {int(w) for w in args.warps.split(",")}
+    pipes = [int(p) for p in args.pipes.split(",")]
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {"device": torch.cuda.get_device_name(), "shape": dict(E=E, k=K_TOP, H=H, I=I, shared_slices=S), "runs": []}
     for name in args.formats.split(","):
@@ -95,6 +98,10 @@ def main() -> None:
             up, down = UP, DOWN
             if args.dot and spec is not None:  # the best tensor-core tiles, whatever the shipped ones take
                 cur, best_us, up, down = dict(cur, DOT=True), float("inf"), UP_DOT, DOWN_DOT
+            elif spec is not None:  # each FMA tile at each loop depth
+                if cur.get("DOT"):  # the best FMA tiles, whatever the shipped tensor-core ones take
+                    cur, best_us = dict(cur, DOT=False), float("inf")
+                up, down = ([(*c, p) for c in cands for p in pipes] for cands in (UP, DOWN))
             for stage, cands in (("up", up), ("down", down)):
                 for c in cands:
                     if time.perf_counter() > t_end:
@@ -104,7 +111,7 @@ def main() -> None:
                     cfg = dict(cur, UP_N=c[0], UP_K=c[1], num_warps=c[2]) if stage == "up" else \
                         dict(cur, DOWN_N=c[0], DOWN_K=c[1], DOWN_WARPS=c[2])
                     if len(c) == 4:
-                        cfg["num_stages"] = c[3]
+                        cfg["num_stages" if cfg.get("DOT") else "PIPE"] = c[3]
                     g = spec.group_size if spec is not None and spec.bits == 4 else 1
                     if cfg["UP_K"] % g or cfg["DOWN_K"] % g:
                         continue
@@ -115,6 +122,8 @@ def main() -> None:
                     run["tried"].append(dict(config=cfg, us=us, rel_err=err))
                     if us == us and us < best_us:
                         best_us, cur = us, cfg
+            if best_us == float("inf"):  # no candidate ran (--budget): the shipped tiles stand
+                cur, best_us = run["start"], run["start_us"]
             run["best"], run["best_us"] = cur, best_us
             print(json.dumps({k: v for k, v in run.items() if k != "tried"}), flush=True)
             out["runs"].append(run)

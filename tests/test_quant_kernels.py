@@ -310,6 +310,7 @@ def quant_case(kind, M, N, K, dtype, cfg, bias=True, seed=0, device="cpu"):
 INTERP_QUANT_CONFIGS = {  # name -> (M, config, activation dtype): gemv runs bf16 (no dot), gemm fp16 (see above)
     "gemv_m1": (1, None, torch.bfloat16),
     "gemv_m3_splitk": (3, qg._gemv(8, 256, waves=50, min_steps=1), torch.bfloat16),
+    "gemv_m2_pipelined": (2, qg._gemv(8, 128, pipe=3), torch.bfloat16),
     "gemm_m20_splitk": (20, qg._gemm(16, 32, bk=64, group_m=2, waves=50, min_steps=1), torch.float16),
     "gemm_m70": (70, qg._gemm(32, 32, bk=64, group_m=2, min_steps=1 << 20), torch.float16),
     "dequant_m40": (40, dict(path="dequant"), torch.float16),
@@ -371,10 +372,11 @@ def test_fused_moe_quant_shared_reference(kind):
 @pytest.mark.skipif(not (INTERPRET or CUDA), reason="needs TRITON_INTERPRET=1 and triton, or CUDA")
 @pytest.mark.parametrize("kind", list(QUANT_KINDS))
 @pytest.mark.parametrize("T,S", [(1, 2), (3, 1)])
-@pytest.mark.parametrize("dot", [False, True], ids=["fma", "dot"])
-def test_fused_moe_quant_gemv_runs_shared_expert(kind, T, S, dot):
+@pytest.mark.parametrize("loop", ["fma", "pipelined", "dot"])
+def test_fused_moe_quant_gemv_runs_shared_expert(kind, T, S, loop):
     """The shared expert as S more pairs per token in the quantized GEMV kernels (and a skipped routed pair), the
-    last pair of each token to finish summing them; on FMAs and on the tensor cores (the token padded to 16 rows)."""
+    last pair of each token to finish summing them; on FMAs (register double buffer, or the loads pipelined through
+    shared memory) and on the tensor cores (the token padded to 16 rows)."""
     bits, G, zp = QUANT_KINDS[kind]
     dev, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float16)
     args, (gu64, dn64) = moe_quant_inputs(T, 8, 3, 256, 128, bits, G, zp, dtype, dev, seed=T)
@@ -382,7 +384,8 @@ def test_fused_moe_quant_gemv_runs_shared_expert(kind, T, S, dot):
     x, _, _, ids, w = args
     want = moe_float64(x.cpu(), gu64, dn64, ids.cpu(), w.cpu()) + f64(x)
     for _ in range(2):  # the arrival counters are zero again after a call
-        cfg = fm._qgemv(16, 128, 32, 128, dot=True, stages=2) if dot else fm._qgemv(8, 128, 16, 128)
+        cfg = {"fma": fm._qgemv(8, 128, 16, 128), "pipelined": fm._qgemv(8, 128, 16, 128, pipe=3),
+               "dot": fm._qgemv(16, 128, 32, 128, dot=True, stages=2)}[loop]
         out = fm.fused_moe_quant_triton(*args, bits, cfg, shared=shared)
         assert out.shape == x.shape and rel_err(out.cpu(), want) < 1e-2
 

@@ -584,7 +584,8 @@ if HAS_TRITON:
                                   stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
                                   stride_swn, stride_ssn, stride_szn,
                                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                                  PIPE: tl.constexpr):
         # act[p, n] = silu(gate[e] x[t]) * (up[e] x[t]) for pair p = t*(top_k + n_shared) + j; pairs j >= top_k are
         # the shared expert's I-wide slices j - top_k of its packed gate (gw/gs/gz) and up (uw/us/uz) weights.
         p = tl.program_id(0)
@@ -602,14 +603,15 @@ if HAS_TRITON:
             r = tl.arange(0, 2 * BLOCK_N)
             rows2 = ((tl.program_id(1) * BLOCK_N + r % BLOCK_N) % I + (r // BLOCK_N) * I).to(tl.int64)
             gu = qgemv_rows(x_row, w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_ze, rows2,
-                            stride_wn, stride_sn, stride_zn, 0, H, BITS, GROUP, HAS_Z, 2 * BLOCK_N, BLOCK_K, DOT)
+                            stride_wn, stride_sn, stride_zn, 0, H, BITS, GROUP, HAS_Z, 2 * BLOCK_N, BLOCK_K, DOT,
+                            PIPE)
             g, u = tl.split(tl.trans(tl.reshape(gu, (2, BLOCK_N))))
         else:
             srows = ((j - top_k) * I + offs_n % I).to(tl.int64)
             g = qgemv_rows(x_row, gw_ptr, gs_ptr, gz_ptr, srows, stride_swn, stride_ssn, stride_szn, 0, H,
-                           BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K, DOT)
+                           BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K, DOT, PIPE)
             u = qgemv_rows(x_row, uw_ptr, us_ptr, uz_ptr, srows, stride_swn, stride_ssn, stride_szn, 0, H,
-                           BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K, DOT)
+                           BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K, DOT, PIPE)
         tl.store(act_ptr + p * I + offs_n, (g * tl.sigmoid(g) * u).to(act_ptr.dtype.element_ty), mask=offs_n < I)
 
     @triton.jit(do_not_specialize=["top_k", "n_shared"])
@@ -618,7 +620,8 @@ if HAS_TRITON:
                                stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
                                stride_swn, stride_ssn, stride_szn, stride_om,
                                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                               PIPE: tl.constexpr):
         # part[p, n] = w[p] * down[e] act[p] for pair p (laid out as in the gate_up kernel; the shared slice j >=
         # top_k reads columns (j - top_k) * I .. + I of the packed shared down dw/ds/dz (H, n_shared * I), weight
         # 1); the last of a token's pairs to finish sums them into out[t].
@@ -634,12 +637,12 @@ if HAS_TRITON:
             if e >= 0:  # a skipped pair adds zeros
                 acc = qgemv_rows(act_ptr + p * I, w_ptr + e * stride_we, s_ptr + e * stride_se,
                                  z_ptr + e * stride_ze, rows, stride_wn, stride_sn, stride_zn, 0, I,
-                                 BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K, DOT)
+                                 BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K, DOT, PIPE)
                 acc = acc * tl.load(topk_w_ptr + t * top_k + j)
         else:
             c0 = (j - top_k) * I  # qgemv_rows indexes x by absolute column: shift act back by c0
             acc = qgemv_rows(act_ptr + p * I - c0, dw_ptr, ds_ptr, dz_ptr, rows, stride_swn, stride_ssn, stride_szn,
-                             c0, c0 + I, BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K, DOT)
+                             c0, c0 + I, BITS, GROUP, HAS_Z, BLOCK_N, BLOCK_K, DOT, PIPE)
         sum_pairs_last(acc, part_ptr, cnt_ptr, out_ptr, p, kk, offs_n, H, stride_om)
 
     @triton.jit(do_not_specialize=["n_pairs", "max_blocks_m", "a_row_div"])
@@ -681,18 +684,23 @@ if HAS_TRITON:
                  mask=row_mask[:, None] & (cols < N)[None, :])
 
 
-# gemv: UP_N/UP_K and DOWN_N/DOWN_K tile the two GEMVs (int4: K tiles are whole groups), DOT runs them on the tensor
-# cores with num_stages load buffers; gemm: BLOCK_M and per GEMM BLOCK_N, BLOCK_K (int8 only: int4 steps one group),
-# GROUP_M, num_warps, num_stages. bench/bench_quant_kernels.py; the gemv tiles by bench/tune_quant_moe.py on an H100
-# at DeepSeek-V2-Lite's shape with the shared expert fused (int4 g64, T=1: 37.1 -> 33.9 us; T=8: 194 -> 181 us).
-# int8 on the tensor cores (--dot): 36.1 / 94.3 / 171.3 us at T = 1 / 4 / 8 against 40.7 / 120.5 / 222.4 with the
-# FMA tiles they replace (tune-quant-moe-dot-v2lite-h100-2026-11-24.json; at T = 1 no FMA tile with 1-8 warps beat
-# 41.3, tune-quant-moe-warps-*). In a trial kernel that read the int8 bytes as fp8, with no dequantization at all,
-# the dot path took the same 35 us: it is bound by its pipelined loads. int4 on the tensor cores took twice its FMA
-# loop's time or more, one 64-wide group a step (qmm_loop) or several with the scales gathered per weight.
-def _qgemv(up_n, up_k, down_n, down_k, warps=4, down_warps=None, dot=False, stages=3):
+# gemv: UP_N/UP_K and DOWN_N/DOWN_K tile the two GEMVs (int4: K tiles are whole groups); PIPE > 1 pipelines the FMA
+# loop's loads over PIPE cp.async buffers (else a register double buffer); DOT runs them on the tensor cores with
+# num_stages load buffers. gemm: BLOCK_M and per GEMM BLOCK_N, BLOCK_K (int8 only: int4 steps one group), GROUP_M,
+# num_warps, num_stages. bench/bench_quant_kernels.py; the gemv tiles by bench/tune_quant_moe.py on an H100 at
+# DeepSeek-V2-Lite's shape with the shared expert fused (int4 g64, T=1: 37.1 -> 33.9 us; T=8: 194 -> 181 us).
+# int8 at T=1 on the tensor cores (--dot): 36.1 us against 40.7 with the register-buffered FMA tile
+# (tune-quant-moe-dot-v2lite-h100-2026-11-24.json; no FMA tile with 1-8 warps beat 41.3, tune-quant-moe-warps-*).
+# In a trial kernel that read the int8 bytes as fp8, with no dequantization at all, the dot path took the same 35 us:
+# it is bound by its pipelined loads. With its loads pipelined too (--pipes 3), the FMA loop ties it at T=1 (36.1
+# against 35.9) and beats it from 2 tokens on: 55.7 / 88.0 / 153.6 us at T = 2 / 4 / 8 against 57.9 / 93.7 / 162.3
+# (tune-quant-moe-pipe-v2lite-h100-2026-11-24*.json). int4 gains nothing from pipelining (33.1 us at T=1 with the
+# register buffer, 34.8 with PIPE=3: it is bound by the dequantizing ALU work, not by load latency), and on the tensor
+# cores it took twice its FMA loop's time or more, one 64-wide group a step (qmm_loop) or several with the scales
+# gathered per weight.
+def _qgemv(up_n, up_k, down_n, down_k, warps=4, down_warps=None, dot=False, stages=3, pipe=1):
     return dict(path="gemv", UP_N=up_n, UP_K=up_k, DOWN_N=down_n, DOWN_K=down_k, num_warps=warps,
-                DOWN_WARPS=down_warps or warps, DOT=dot, num_stages=stages)
+                DOWN_WARPS=down_warps or warps, DOT=dot, num_stages=stages, PIPE=pipe)
 
 
 def _qgemm(bm, up, down):
@@ -703,8 +711,8 @@ def _qgemm(bm, up, down):
 def moe_quant_config(T: int, H: int, I: int, bits: int, group: int = 0) -> dict:
     """group: the int4 group size; the gemv K tiles are at least one group."""
     if T <= 8 and bits == 8:
-        return (_qgemv(32, 128, 32, 128, dot=True, stages=5) if T == 1 else
-                _qgemv(32, 256, 128, 128, dot=True) if T <= 4 else _qgemv(64, 128, 128, 128, dot=True))
+        return (_qgemv(32, 128, 32, 128, dot=True, stages=5) if T == 1 else _qgemv(16, 512, 32, 256, pipe=3) if T == 2
+                else _qgemv(16, 256, 128, 128, pipe=3) if T <= 4 else _qgemv(32, 256, 128, 128, pipe=3))
     if T <= 8:
         up_n, up_k, down_n, down_k = (16, 512, 32, 256) if T == 1 else (16, 512, 64, 128)
         return _qgemv(up_n, max(up_k, group), down_n, max(down_k, group))
@@ -760,11 +768,11 @@ def fused_moe_quant_triton(x: torch.Tensor, gate_up_q: QuantTensors, down_q: Qua
         sg, su, sd = shared if shared is not None else (gate_up_q, gate_up_q, down_q)  # placeholders, never read
         (sg, sg_str), (su, _), (sd, sd_str) = (operands(q) for q in (sg, su, sd))
         kk = k + n_sh
-        dot, stages = cfg.get("DOT", False), cfg.get("num_stages", 3)
+        dot, stages, pipe = cfg.get("DOT", False), cfg.get("num_stages", 3), cfg.get("PIPE", 1)
         act = torch.empty(T * kk, I, dtype=x.dtype, device=x.device)
         _moe_qgemv_gate_up_kernel[(T * kk, triton.cdiv(I, cfg["UP_N"]))](
             x, *gu, ids, act, *sg, *su, H, I, k, n_sh, x.stride(0), *gu_strides, *sg_str[0::2], **up_common,
-            BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], DOT=dot, num_warps=cfg["num_warps"], num_stages=stages)
+            BLOCK_N=cfg["UP_N"], BLOCK_K=cfg["UP_K"], DOT=dot, PIPE=pipe, num_warps=cfg["num_warps"], num_stages=stages)
         n_tiles = triton.cdiv(H, cfg["DOWN_N"])
         cnt = arrival_counters(x.device, T * n_tiles)
         if cnt is None:  # too many tiles for the persistent counters: zeroed ones for this call
@@ -773,7 +781,7 @@ def fused_moe_quant_triton(x: torch.Tensor, gate_up_q: QuantTensors, down_q: Qua
         part = torch.empty(T * kk, H, dtype=torch.float32, device=x.device)
         _moe_qgemv_down_kernel[(T * kk, n_tiles)](
             act, *dn, ids, weights, out, *sd, part, cnt, H, I, k, n_sh, *dn_strides, *sd_str[0::2], out.stride(0),
-            **dn_common, BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], DOT=dot,
+            **dn_common, BLOCK_N=cfg["DOWN_N"], BLOCK_K=cfg["DOWN_K"], DOT=dot, PIPE=pipe,
             num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), num_stages=stages)
         return out
     act = torch.empty(n, I, dtype=x.dtype, device=x.device)

@@ -9,9 +9,10 @@ The leading dims are empty for a linear layer and (E,) for stacked experts. For 
 
 CUDA path (Triton, bf16/fp16 activations), dequantizing inside the K loop, no host sync (CUDA-graph capturable):
   gemv (M <= 4, decode): program (row m, n-tile, k-split) streams BLOCK_N weight rows and reduces them against one
-      row of x with FMAs; programs of consecutive m share a weight tile, which the later ones read from L2. Small
-      layers split K so that there are enough programs to keep HBM busy; the fp32 partials are summed (with the
-      bias) by a second small kernel.
+      row of x with FMAs, the next step's tiles loaded into registers during this one's math, or (PIPE > 1)
+      pipelined through shared memory by the compiler (cp.async); programs of consecutive m share a weight tile,
+      which the later ones read from L2. Small layers split K so that there are enough programs to keep HBM busy;
+      the fp32 partials are summed (with the bias) by a second small kernel.
   gemm (int4, up to 16 rows): tiles of (BLOCK_M, BLOCK_N) with tl.dot on the dequantized weight tile, one int4 group (or
       BLOCK_K int8 columns) per step, optionally split along K as above.
   dequant (more rows, prefill): a Triton kernel writes the dense weight, then F.linear (cuBLAS).
@@ -19,7 +20,7 @@ Integers become floats by bit tricks rather than int->float conversions (16 per 
 the int4 GEMV): OR-ing q into the mantissa of 2^23 and subtracting 2^23, or shifting a nibble into the top of the
 mantissa of 1.0, which gives 1 + q/16 and leaves the offsets to a per-group correction.
 The jit helpers `qgemv_rows` and `qmm_loop` are shared with the quantized fused MoE (mixr.kernels.fused_moe), whose
-int8 small-batch GEMVs run `qgemv_rows` with DOT: through `qmm_loop` on the tensor cores.
+int8 GEMVs run `qgemv_rows` with DOT (through `qmm_loop` on the tensor cores) at one token and with PIPE at 2-8.
 """
 
 import torch
@@ -106,9 +107,51 @@ def check_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 if HAS_TRITON:
 
     @triton.jit
+    def _qgemv_load(x_ptr, w_ptr, s_ptr, z_ptr, rows, stride_wn, stride_sn, stride_zn, k0, k_end,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one qgemv_rows step's tiles from column k0: int8 (w (BN, BK), x (BK,)); int4 (w (BN, NG, G/2) bytes, x as
+        # (NG, G/2, 2) pairs, s and z (BN, NG)). s and z are placeholders for int8 (its scales apply at the end).
+        if BITS == 8:
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + k[None, :], mask=(k < k_end)[None, :], other=0)
+            xv = tl.load(x_ptr + k, mask=k < k_end, other=0.0)
+            return w, xv, xv, xv
+        else:
+            grp = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)  # (NG,)
+            g_mask = grp < k_end // GROUP
+            byte = grp[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]  # (NG, G/2)
+            w = tl.load(w_ptr + rows[:, None, None] * stride_wn + byte[None, :, :], mask=g_mask[None, :, None],
+                        other=0)
+            xv = tl.load(x_ptr + 2 * byte[:, :, None] + tl.arange(0, 2)[None, None, :], mask=g_mask[:, None, None],
+                         other=0.0)
+            s = tl.load(s_ptr + rows[:, None] * stride_sn + grp[None, :], mask=g_mask[None, :], other=0.0)
+            z = tl.load(z_ptr + rows[:, None] * stride_zn + grp[None, :], mask=g_mask[None, :], other=0) if HAS_Z else s
+            return w, xv, s, z
+
+    @triton.jit
+    def _qgemv_step(w, xv, s, z, BITS: tl.constexpr, HAS_Z: tl.constexpr):
+        # (BN,) fp32 partial sums of one step's tiles (see _qgemv_load); int8 without its scales
+        if BITS == 8:
+            # q + 128 in 0..255 sits in the mantissa of 2^23: the float is 2^23 + 128 + q
+            wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+            return tl.sum(wf * xv.to(tl.float32)[None, :], 1)
+        else:
+            x_even, x_odd = tl.split(xv.to(tl.float32))  # (NG, G/2)
+            x_sum = tl.sum(x_even + x_odd, 1)  # (NG,)
+            # A nibble shifted into the top of the mantissa of 1.0 is the float 1 + q/16: two integer ops, no
+            # int->float conversion (16 per clock per SM) and no subtraction per weight. Per group,
+            # sum (1 + q/16) x = x_sum + (sum q x) / 16, so sum (q - z) x = 16 part - (16 + z) x_sum.
+            wi = w.to(tl.int32)
+            lo = (((wi << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            hi = (((wi << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            part = tl.sum(lo * x_even[None, :, :], 2) + tl.sum(hi * x_odd[None, :, :], 2)  # (BN, NG)
+            zf = z.to(tl.float32) if HAS_Z else 8.0
+            return tl.sum(s.to(tl.float32) * (16.0 * part - (16.0 + zf) * x_sum[None, :]), 1)
+
+    @triton.jit
     def qgemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, rows, stride_wn, stride_sn, stride_zn, k_start, k_end,
                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, PIPE: tl.constexpr):
         # sum over k in [k_start, k_end) of dequant(W)[rows, k] * x[k] -> (BLOCK_N,) fp32.
         # rows: (BLOCK_N,) int64, all in range (callers wrap them); w/s/z_ptr: this matrix's (expert's) base.
         # DOT: on the tensor cores instead, x padded to 16 rows (15 masked, never loaded) through qmm_loop, whose
@@ -122,62 +165,25 @@ if HAS_TRITON:
             return tl.sum(tl.where((m == 0)[:, None], acc2, 0.0), 0)
         # int4: k_start, k_end and BLOCK_K are multiples of GROUP; a tile is (BLOCK_N, BLOCK_K // GROUP groups,
         # GROUP // 2 bytes), masked by whole groups, so the loads stay 16-byte vectors.
-        # Each step loads the next step's tiles before computing on the current ones (a register double buffer):
+        # PIPE > 1: the compiler pipelines the step's loads over PIPE cp.async buffers in shared memory. Otherwise
+        # each step loads the next step's tiles before computing on the current ones (a register double buffer):
         # with nothing else in flight, a GEMV would wait out the memory latency once per step.
         acc = tl.zeros((BLOCK_N,), tl.float32)
-        if BITS == 8:
-            offs_k = tl.arange(0, BLOCK_K)
-            w_row = w_ptr + rows[:, None] * stride_wn
-            k = k_start + offs_k
-            w = tl.load(w_row + k[None, :], mask=(k < k_end)[None, :], other=0)
-            xk = tl.load(x_ptr + k, mask=k < k_end, other=0.0)
-            for k0 in range(k_start, k_end, BLOCK_K):
-                k = k0 + BLOCK_K + offs_k
-                w_next = tl.load(w_row + k[None, :], mask=(k < k_end)[None, :], other=0)
-                x_next = tl.load(x_ptr + k, mask=k < k_end, other=0.0)
-                # q + 128 in 0..255 sits in the mantissa of 2^23: the float is 2^23 + 128 + q
-                wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-                acc += tl.sum(wf * xk.to(tl.float32)[None, :], 1)
-                w, xk = w_next, x_next
-            acc = acc * tl.load(s_ptr + rows * stride_sn).to(tl.float32)
+        if PIPE > 1:
+            for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
+                w, xv, s, z = _qgemv_load(x_ptr, w_ptr, s_ptr, z_ptr, rows, stride_wn, stride_sn, stride_zn, k0,
+                                          k_end, BITS, GROUP, HAS_Z, BLOCK_K)
+                acc += _qgemv_step(w, xv, s, z, BITS, HAS_Z)
         else:
-            offs_g = tl.arange(0, BLOCK_K // GROUP)
-            offs_j = tl.arange(0, GROUP // 2)
-            pair = tl.arange(0, 2)
-            w_row = w_ptr + rows[:, None, None] * stride_wn
-            s_row = s_ptr + rows[:, None] * stride_sn
-            z_row = z_ptr + rows[:, None] * stride_zn
-            g_end = k_end // GROUP
-            grp = k_start // GROUP + offs_g  # (NG,)
-            g_mask = grp < g_end
-            byte = grp[:, None] * (GROUP // 2) + offs_j[None, :]  # (NG, G/2)
-            w = tl.load(w_row + byte[None, :, :], mask=g_mask[None, :, None], other=0)  # (BN, NG, G/2)
-            # x as (NG, G/2, 2) pairs, split below into the even and odd k that the low and high nibbles multiply
-            xv = tl.load(x_ptr + 2 * byte[:, :, None] + pair[None, None, :], mask=g_mask[:, None, None], other=0.0)
-            s = tl.load(s_row + grp[None, :], mask=g_mask[None, :], other=0.0)  # (BN, NG)
-            z = tl.load(z_row + grp[None, :], mask=g_mask[None, :], other=0) if HAS_Z else s
+            w, xv, s, z = _qgemv_load(x_ptr, w_ptr, s_ptr, z_ptr, rows, stride_wn, stride_sn, stride_zn, k_start,
+                                      k_end, BITS, GROUP, HAS_Z, BLOCK_K)
             for k0 in range(k_start, k_end, BLOCK_K):
-                grp = (k0 + BLOCK_K) // GROUP + offs_g
-                g_mask = grp < g_end
-                byte = grp[:, None] * (GROUP // 2) + offs_j[None, :]
-                w_next = tl.load(w_row + byte[None, :, :], mask=g_mask[None, :, None], other=0)
-                x_next = tl.load(x_ptr + 2 * byte[:, :, None] + pair[None, None, :], mask=g_mask[:, None, None],
-                                 other=0.0)
-                s_next = tl.load(s_row + grp[None, :], mask=g_mask[None, :], other=0.0)
-                z_next = tl.load(z_row + grp[None, :], mask=g_mask[None, :], other=0) if HAS_Z else s_next
-
-                x_even, x_odd = tl.split(xv.to(tl.float32))  # (NG, G/2)
-                x_sum = tl.sum(x_even + x_odd, 1)  # (NG,)
-                # A nibble shifted into the top of the mantissa of 1.0 is the float 1 + q/16: two integer ops, no
-                # int->float conversion (16 per clock per SM) and no subtraction per weight. Per group,
-                # sum (1 + q/16) x = x_sum + (sum q x) / 16, so sum (q - z) x = 16 part - (16 + z) x_sum.
-                wi = w.to(tl.int32)
-                lo = (((wi << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                hi = (((wi << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                part = tl.sum(lo * x_even[None, :, :], 2) + tl.sum(hi * x_odd[None, :, :], 2)  # (BN, NG)
-                zf = z.to(tl.float32) if HAS_Z else 8.0
-                acc += tl.sum(s.to(tl.float32) * (16.0 * part - (16.0 + zf) * x_sum[None, :]), 1)
-                w, xv, s, z = w_next, x_next, s_next, z_next
+                nxt = _qgemv_load(x_ptr, w_ptr, s_ptr, z_ptr, rows, stride_wn, stride_sn, stride_zn, k0 + BLOCK_K,
+                                  k_end, BITS, GROUP, HAS_Z, BLOCK_K)
+                acc += _qgemv_step(w, xv, s, z, BITS, HAS_Z)
+                w, xv, s, z = nxt
+        if BITS == 8:
+            acc = acc * tl.load(s_ptr + rows * stride_sn).to(tl.float32)
         return acc
 
     @triton.jit
@@ -223,7 +229,7 @@ if HAS_TRITON:
     def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, steps_per_split,
                       stride_xm, stride_wn, stride_sn, stride_zn, stride_om, stride_os,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         split = tl.program_id(2)
@@ -234,7 +240,7 @@ if HAS_TRITON:
         k_start = split * steps_per_split * BLOCK_K
         acc = qgemv_rows(x_ptr + m * stride_xm, w_ptr, s_ptr, z_ptr, rows, stride_wn, stride_sn, stride_zn,
                          k_start, tl.minimum(k_start + steps_per_split * BLOCK_K, K), BITS, GROUP, HAS_Z,
-                         BLOCK_N, BLOCK_K, False)
+                         BLOCK_N, BLOCK_K, False, PIPE)
         if PARTIAL:  # fp32 partial (splits, M, N); the reduce kernel adds the bias
             tl.store(out_ptr + split * stride_os + m * stride_om + offs_n, acc, mask=offs_n < N)
         else:
@@ -354,8 +360,8 @@ def dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
 GEMV_MAX_M = 4
 
 
-def _gemv(bn, bk, warps=4, waves=4, min_steps=2):
-    return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, waves=waves, MIN_STEPS=min_steps)
+def _gemv(bn, bk, warps=4, waves=4, min_steps=2, pipe=1):
+    return dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, waves=waves, MIN_STEPS=min_steps, PIPE=pipe)
 
 
 def _gemm(bm, bn, bk=128, group_m=8, warps=4, stages=3, waves=2, min_steps=4):
@@ -433,7 +439,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     strides = (x.stride(0), qweight.stride(0), scales.stride(0), z.stride(0), dst.stride(-2),
                dst.stride(0) if partial else 0)
     if gemv:
-        _qgemv_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]), splits)](*args, N, K, per, *strides, **common)
+        _qgemv_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]), splits)](*args, N, K, per, *strides,
+                                                                   PIPE=cfg.get("PIPE", 1), **common)
     else:
         _qgemm_kernel[(tiles, splits)](*args, M, N, K, per, *strides, BLOCK_M=cfg["BLOCK_M"], STEP=step,
                                        GROUP_M=cfg["GROUP_M"], num_stages=cfg["num_stages"], **common)
