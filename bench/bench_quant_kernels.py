@@ -8,8 +8,9 @@ Shapes (DeepSeek-V2-Lite): dense q_proj 3072x2048, o_proj 2048x2048, kv_a 576x20
 (g128, symmetric); routed experts E=64, H=2048, I=1408, top-6 at T = 1, 8, 32, 256: fused_moe (bf16) vs
 fused_moe_quant int8 / int4 g128; fp8_block_linear vs bf16 F.linear at M = 1, 64, 2048 (V2-Lite o_proj and two
 DeepSeek-V3 shapes); paged decode attention over an e4m3 cache vs bf16 (V2-Lite MLA, Qwen3 GQA). --dense-shapes,
---dense-m and --kinds pick others: q_kv_a (3648x2048) is q_proj and kv_a as the engine runs them, one GEMV; int4_g64
-is the group V2-Lite's int4 checkpoints get (its dense MLP is 10944 wide).
+--dense-m and --kinds pick others: q_kv_a (3648x2048) is q_proj and kv_a as the engine runs them, one GEMV;
+dense_gate_up / dense_down are layer 0's dense MLP (21888x2048, 2048x10944); int4_g64 is the group V2-Lite's int4
+checkpoints get (that MLP is 10944 wide).
 
     --only dense --sweep --dense-shapes q_kv_a,o_proj,shared_down --dense-m 1,2 --kinds int8,int4_g64
 
@@ -52,7 +53,8 @@ f8 = importlib.import_module("mixr.kernels.fp8")
 DEV = "cuda"
 L2_BYTES = 50e6
 DENSE = {"q_proj": (3072, 2048), "o_proj": (2048, 2048), "kv_a": (576, 2048), "shared_gate_up": (5632, 2048),
-         "shared_down": (2048, 2816), "q_kv_a": (3648, 2048)}  # q_kv_a: q_proj and kv_a as one, as the engine runs them
+         "shared_down": (2048, 2816), "q_kv_a": (3648, 2048),  # q_kv_a: q_proj and kv_a as one, as the engine runs them
+         "dense_gate_up": (21888, 2048), "dense_down": (2048, 10944)}  # layer 0's dense MLP
 DENSE_M = [1, 8, 32, 256]
 MOE = dict(E=64, k=6, H=2048, I=1408)
 FP8 = {"v2lite_o_proj": (2048, 2048), "v3_shared_down": (7168, 2048), "v3_q_b": (24576, 1536)}
@@ -125,7 +127,11 @@ def dense_candidates(M):
                  (8, 1024, 4, 8, 1), (16, 1024, 4, 8, 1), (32, 1024, 8, 2, 1), (4, 1024, 4, 8, 1),
                  # the K loop's loads pipelined over PIPE cp.async buffers (smaller steps with more buffers were
                  # slower at V2-Lite's shapes)
-                 (16, 1024, 8, 4, 2), (8, 1024, 4, 8, 2))]
+                 (16, 1024, 8, 4, 2), (8, 1024, 4, 8, 2))] + [
+            # the tensor-core tiles, which dequantize a weight tile once for all rows
+            qg._gemm(16, bn, bk, 1, w, st, waves) for bn, bk, w, st, waves in
+            ((64, 128, 4, 4, 2), (128, 128, 4, 4, 2), (32, 128, 4, 4, 4), (64, 256, 4, 3, 2), (32, 256, 4, 4, 4),
+             (64, 128, 8, 4, 2))]
     return [dict(path="dequant")] + [
         qg._gemm(bm, bn, bk, gm, w, st, waves) for bm, bn, bk, gm, w, st, waves in
         ((16, 64, 128, 1, 4, 4, 2), (16, 128, 128, 1, 4, 4, 2), (16, 32, 128, 1, 4, 4, 4), (32, 64, 128, 1, 4, 3, 2),

@@ -8,12 +8,13 @@ Formats (the same in memory and in a saved checkpoint), for a weight W (..., N, 
 The leading dims are empty for a linear layer and (E,) for stacked experts. For int8, G = K (one group a row).
 
 CUDA path (Triton, bf16/fp16 activations), dequantizing inside the K loop, no host sync (CUDA-graph capturable):
-  gemv (M <= 4, decode): program (row m, n-tile, k-split) streams BLOCK_N weight rows and reduces them against one
-      row of x with FMAs, the next step's tiles loaded into registers during this one's math, or (PIPE > 1)
-      pipelined through shared memory by the compiler (cp.async); programs of consecutive m share a weight tile,
-      which the later ones read from L2. Small layers split K so that there are enough programs to keep HBM busy;
-      the fp32 partials are summed (with the bias) by a second small kernel.
-  gemm (int4, up to 16 rows): tiles of (BLOCK_M, BLOCK_N) with tl.dot on the dequantized weight tile, one int4 group (or
+  gemv (decode: int8 1 row, or 2-3 of a small layer; int4 1-2 rows): program (row m, n-tile, k-split) streams
+      BLOCK_N weight rows and reduces them against one row of x with FMAs, the next step's tiles loaded into
+      registers during this one's math, or (PIPE > 1) pipelined through shared memory by the compiler (cp.async);
+      programs of consecutive m share a weight tile, which the later ones read from L2. Small layers split K so
+      that there are enough programs to keep HBM busy; the fp32 partials are summed (with the bias) by a second
+      small kernel.
+  gemm (up to 16 rows): tiles of (BLOCK_M, BLOCK_N) with tl.dot on the dequantized weight tile, one int4 group (or
       BLOCK_K int8 columns) per step, optionally split along K as above.
   dequant (more rows, prefill): a Triton kernel writes the dense weight, then F.linear (cuBLAS).
 Integers become floats by bit tricks rather than int->float conversions (16 per clock per SM, which would bound
@@ -356,7 +357,7 @@ def dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
 # Tile configs. gemv: BLOCK_N rows x BLOCK_K columns per step; gemm: BLOCK_M x BLOCK_N tiles, BLOCK_K int8 columns
 # per step (int4 steps one group), GROUP_M row tiles launched per column tile. Both split K until there are about
 # `waves` x (multiprocessors) programs, with at least MIN_STEPS steps per split. Chosen on one H100 by
-# bench/bench_quant_kernels.py (--sweep).
+# bench/bench_quant_kernels.py (--sweep), which tries GEMV tiles up to GEMV_MAX_M rows.
 GEMV_MAX_M = 4
 
 
@@ -369,19 +370,30 @@ def _gemm(bm, bn, bk=128, group_m=8, warps=4, stages=3, waves=2, min_steps=4):
                 num_stages=stages, waves=waves, MIN_STEPS=min_steps)
 
 
-# Past GEMV_MAX_M rows (int8) or 16 rows (int4), the weight is dequantized to a bf16/fp16 temporary and multiplied
-# by cuBLAS ("dequant"): the in-loop dequantization (several ALU ops per weight, per row tile) then costs more than
-# writing and reading the dense copy once (H100, o_proj 2048x2048: M=256 int4 in-loop 41 us, dequant 11.5 us).
-# GEMV tiles: the best sum over V2-Lite's q_kv_a, o_proj and shared_down at M = 1 and 2 (H100, int4 g64; bench_quant_
-# kernels.py --only dense --sweep ..., quant-kernels-dense-sweep-h100-2026-11-24.json). int4 at M = 1: 6.4 / 4.7 / 5.7
-# us with 16 rows and 8 warps against 6.7 / 4.9 / 6.1 with 8 rows and 4 warps; int8 with 8 rows: 6.7-7.1 / 5.0 / 6.0
-# against 7.3 / 4.9 / 6.0 with 4, and 9.7-9.8 / 6.6 / 8.3 against 10.6 / 7.1 / 8.9 at M = 2.
+# Past 16 rows the weight is dequantized to a bf16/fp16 temporary and multiplied by cuBLAS ("dequant"): the in-loop
+# dequantization (several ALU ops per weight, per row tile) then costs more than writing and reading the dense copy
+# once (H100, o_proj 2048x2048: M=256 int4 in-loop 41 us, dequant 11.5 us).
+# Up to 16 rows (H100, bench_quant_kernels.py --only dense --sweep --dense-shapes q_kv_a,o_proj,dense_gate_up,
+# dense_down --dense-m 1,2,3,4,8,16 --kinds int8,int4_g64: quant-kernels-dense-pipe-h100-2026-11-24*.json; us for
+# V2-Lite's q_kv_a / o_proj / layer 0's dense MLP gate_up / down):
+#   int8, one row: the GEMV with its loads pipelined (PIPE=2), 5.8 / 5.1 / 20.4 / 14.7 against 7.1 / 5.0 / 25.4 / 16.3
+#     with the register double buffer (bf16: 7.7 / 6.3 / 34.9 / 19.4).
+#   int8, 2-16 rows: the tensor-core tiles, which dequantize each weight tile once for all rows: 8.8 / 6.9 / 20.8 /
+#     15.1 at 4 rows, where the GEMV took 16.5 / 10.5 / 86.0 / 42.0 (bf16 7.9 / 6.3 / 34.6 / 19.5), and 8.7 / 6.9 /
+#     21.2 / 15.2 at 8, where dequant took 12.7 / 9.9 / 88.8 / 40.0; the GEMV keeps 2-3 rows of small layers (q_kv_a
+#     at 2 rows 7.0 against 8.7).
+#   int4, 1-2 rows: the GEMV, the 512-wide tile with 4 warps for large layers (gate_up / down at one row 19.2 / 13.4
+#     against 23.4 / 15.4; q_kv_a / o_proj 7.6 / 6.1 against 6.6 / 4.8).
+#   int4, 3-16 rows: tensor-core tiles of 128 columns: 11.6 / 9.4 / 33.8 / 23.3 at 3 rows against the GEMV's 13.9 /
+#     8.3 / 63.4 / 33.8, and 78.2 us summed at 8 rows against 84.9 with 64 columns.
 def quant_config(M: int, N: int, K: int, bits: int) -> dict:
-    if M <= GEMV_MAX_M:
-        return _gemv(16, 1024, warps=8, waves=4) if bits == 4 else _gemv(8, 1024, waves=8)
-    if M <= 16 and bits == 4:
-        return _gemm(16, 64, stages=4)
-    return dict(path="dequant")
+    if bits == 8:
+        if M == 1 or (M < 4 and M * N * K < 20 << 20):
+            return _gemv(8, 1024, waves=8, pipe=2)
+        return _gemm(16, 32, group_m=1, stages=4, waves=4) if M <= 16 else dict(path="dequant")
+    if M <= 2:
+        return _gemv(16, 512, warps=4, waves=4) if N * K >= 16 << 20 else _gemv(16, 1024, warps=8, waves=4)
+    return _gemm(16, 128, group_m=1, stages=4) if M <= 16 else dict(path="dequant")
 
 
 _SM_COUNT: dict[int, int] = {}
