@@ -695,9 +695,9 @@ if HAS_TRITON:
 # it is bound by its pipelined loads. With its loads pipelined too (--pipes 3), the FMA loop ties it at T=1 (36.1
 # against 35.9) and beats it from 2 tokens on: 55.7 / 88.0 / 153.6 us at T = 2 / 4 / 8 against 57.9 / 93.7 / 162.3
 # (tune-quant-moe-pipe-v2lite-h100-2026-11-24*.json). int4 gains nothing from pipelining (33.1 us at T=1 with the
-# register buffer, 34.8 with PIPE=3: it is bound by the dequantizing ALU work, not by load latency), and on the tensor
-# cores it took twice its FMA loop's time or more, one 64-wide group a step (qmm_loop) or several with the scales
-# gathered per weight.
+# register buffer, 34.8 with PIPE=3; a trial with half the instructions per weight, pipelined, was no faster either:
+# what bounds it is not known), and on the tensor cores it took twice its FMA loop's time or more, one 64-wide group
+# a step (qmm_loop) or several with the scales gathered per weight.
 def _qgemv(up_n, up_k, down_n, down_k, warps=4, down_warps=None, dot=False, stages=3, pipe=1):
     return dict(path="gemv", UP_N=up_n, UP_K=up_k, DOWN_N=down_n, DOWN_K=down_k, num_warps=warps,
                 DOWN_WARPS=down_warps or warps, DOT=dot, num_stages=stages, PIPE=pipe)
