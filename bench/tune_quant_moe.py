@@ -5,8 +5,8 @@ Coordinate descent per (format, T): the gate+up tile (UP_N, UP_K, warps) with th
 down tile (DOWN_N, DOWN_K, DOWN_WARPS); --warps limits the warp counts tried, --pipes the FMA loops' load pipeline
 depths (PIPE; 1 is the register double buffer), --dot sweeps the tensor-core GEMVs (and their pipeline depth)
 instead. Every candidate is checked against `fused_moe_ref` / `fused_moe_quant_ref` (+ the shared expert) before it
-is timed; timing is bench_kernels.time_graph over 3 layers of separate weights (more bytes than L2 holds). Prints JSON (and writes --out); the best tiles go into mixr.kernels.fused_moe.MOE_CONFIGS (bf16) and
-moe_quant_config.
+is timed; timing is bench_kernels.time_graph over 3 layers of separate weights (more bytes than L2 holds). Prints
+JSON (and writes --out); the best tiles go into mixr.kernels.fused_moe.MOE_CONFIGS (bf16) and moe_quant_config.
 
     PYTHONPATH=. python bench/tune_quant_moe.py --out $OUT/tune_quant_moe.json
 """
